@@ -1,0 +1,64 @@
+"""RLFAT (Song et al., ICLR 2020) and its ablations, exactly as the official code computes them.
+
+- RLFAT-P: CE(z(RBS(x')), y) + eta (1/B) sum ||z(RBS(x')) - z(x')||^2, eta = 0.5, x' = PGD on CE.
+  No CE term on x' itself and no clean term.
+- RLFAT-T: CE(z(x), y) + lambda KL(p(x) || p(RBS(x'))) + eta (1/B) sum ||z(RBS(x')) - z(x')||^2,
+  lambda = 6, eta = 1, x' = PGD on TRADES' KL. The clean term uses plain x, not RBS(x).
+- RBSAT-P / RBSAT-T ("RLFL only", paper section 4.4): the same without the transfer term.
+"""
+
+from torch.nn import functional as F
+
+from robench.defense import Defense, kl, transfer
+from robench.registry import DEFENSES
+
+
+@DEFENSES.register("rbsat-p")
+class RBSATP(Defense):
+    adversary = "ce"
+    uses_rbs = True
+    summary = "CE(z(RBS(x')), y), x' = PGD on CE (ablation: RLFL only)"
+
+    def loss(self, model, x, x_adv, y):
+        logits_rbs = model(self.rbs(x_adv))
+        return F.cross_entropy(logits_rbs.float(), y), logits_rbs
+
+
+@DEFENSES.register("rlfat-p")
+class RLFATP(Defense):
+    adversary = "ce"
+    uses_rbs = True
+    default_eta = 0.5  # paper, App. A
+    summary = "CE(z(RBS(x')), y) + 0.5 ||z(RBS(x')) - z(x')||^2, x' = PGD on CE"
+
+    def loss(self, model, x, x_adv, y):
+        logits_rbs, logits_adv = model(self.rbs(x_adv)), model(x_adv)
+        loss = F.cross_entropy(logits_rbs.float(), y) + self.eta * transfer(logits_rbs, logits_adv)
+        return loss, logits_adv
+
+
+@DEFENSES.register("rbsat-t")
+class RBSATT(Defense):
+    adversary = "kl"
+    uses_rbs = True
+    default_lam = 6.0
+    summary = "CE(z(x), y) + 6 KL(p(x) || p(RBS(x'))), x' = PGD on KL (ablation: RLFL only)"
+
+    def loss(self, model, x, x_adv, y):
+        logits, logits_rbs = model(x), model(self.rbs(x_adv))
+        return F.cross_entropy(logits.float(), y) + self.lam * kl(logits, logits_rbs), logits_rbs
+
+
+@DEFENSES.register("rlfat-t")
+class RLFATT(Defense):
+    adversary = "kl"
+    uses_rbs = True
+    default_lam = 6.0
+    default_eta = 1.0  # paper, App. A
+    summary = "CE(z(x), y) + 6 KL(p(x) || p(RBS(x'))) + 1 ||z(RBS(x')) - z(x')||^2, x' = PGD on KL"
+
+    def loss(self, model, x, x_adv, y):
+        logits, logits_rbs, logits_adv = model(x), model(self.rbs(x_adv)), model(x_adv)
+        loss = (F.cross_entropy(logits.float(), y) + self.lam * kl(logits, logits_rbs)
+                + self.eta * transfer(logits_rbs, logits_adv))
+        return loss, logits_adv

@@ -1,0 +1,64 @@
+"""What every attack is: a dataclass of its parameters with a ``perturb`` method.
+
+Attacks live one per module under ``attacks/`` and register themselves in ``ATTACKS``. The
+dataclass fields are the attack's parameters; ``params()`` is what the results store keys on.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import torch
+from torch import nn
+
+from robench.config import DatasetDefaults
+from robench.errors import UserError
+
+# Slack for float rounding when checking the eps-ball (issue: tolerance 1e-6).
+BALL_TOL = 1e-6
+
+
+@dataclasses.dataclass
+class Attack:
+    eps: float
+    seed: int = 0
+
+    # Attacks that only query output probabilities say so; the evaluator never needs gradients.
+    black_box: ClassVar[bool] = False
+    # Number of test images evaluated when the user gives no --n (None: the whole test set).
+    default_n: ClassVar[int | None] = None
+
+    @classmethod
+    def for_dataset(cls, defaults: DatasetDefaults, **overrides: Any) -> "Attack":
+        """The attack with the dataset's paper defaults, then the user's overrides."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        base = {k: v for k, v in dataclasses.asdict(defaults).items() if k in known}
+        unknown = set(overrides) - known
+        if unknown:
+            raise UserError(f"attack {cls.__name__} has no parameter(s) {', '.join(sorted(unknown))}")
+        return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
+
+    def __post_init__(self) -> None:
+        if not 0 < self.eps <= 1:
+            raise UserError(f"eps must be in (0, 1], got {self.eps}")
+
+    def params(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def check_adversarial(x_adv: torch.Tensor, x: torch.Tensor, eps: float, name: str = "attack") -> None:
+    """Refuse an adversarial batch that left the eps-ball or [0, 1]: an error, never a number."""
+    if x_adv.shape != x.shape:
+        raise RuntimeError(f"{name} returned shape {tuple(x_adv.shape)} for input {tuple(x.shape)}")
+    if not torch.isfinite(x_adv).all():
+        raise RuntimeError(f"{name} returned non-finite pixels")
+    dist = (x_adv.float() - x.float()).abs().amax().item()
+    if dist > eps + BALL_TOL:
+        raise RuntimeError(f"{name} left the eps-ball: ||x_adv - x||_inf = {dist:.6g} > eps = {eps:.6g}")
+    lo, hi = x_adv.min().item(), x_adv.max().item()
+    if lo < -BALL_TOL or hi > 1 + BALL_TOL:
+        raise RuntimeError(f"{name} left [0, 1]: pixel range [{lo:.6g}, {hi:.6g}]")

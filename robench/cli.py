@@ -1,0 +1,133 @@
+"""The ``robench`` command line.
+
+A user's mistake (``UserError`` or a bad option) is one ``error: ...`` line on stderr and exit
+code 2, never a traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from robench.errors import UserError
+
+
+class Group(click.Group):
+    def main(self, *args, **kwargs):  # type: ignore[override]
+        try:
+            super().main(*args, standalone_mode=False, **kwargs)
+        except UserError as e:
+            click.echo(f"error: {e}", err=True)
+            sys.exit(2)
+        except click.exceptions.Abort:
+            click.echo("error: aborted", err=True)
+            sys.exit(130)
+        except click.ClickException as e:
+            click.echo(f"error: {e.format_message()}", err=True)
+            sys.exit(e.exit_code)
+        sys.exit(0)
+
+
+def workdir_option(f):
+    return click.option("--workdir", type=click.Path(path_type=Path), default=None,
+                        help="Runs and results live here [default: $ROBENCH_WORKDIR or ./robench-runs].")(f)
+
+
+def device_options(f):
+    f = click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (GPU).")(f)
+    f = click.option("--amp/--no-amp", default=True, show_default=True,
+                     help="bf16 autocast on CUDA (ignored on CPU).")(f)
+    return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(f)
+
+
+def resolve_workdir(workdir: Path | None) -> Path:
+    from robench.workdir import default_workdir
+
+    return workdir if workdir is not None else default_workdir()
+
+
+@click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="robench")
+def cli() -> None:
+    """Train and benchmark robust image classifiers (RLFAT, ICLR 2020)."""
+
+
+@cli.command()
+@click.argument("defense")
+@click.option("--dataset", default="digits", show_default=True, help="See `robench list`.")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Where the dataset lives or downloads to [default: $ROBENCH_DATA or ~/.cache/robench/data].")
+@click.option("--arch", default=None, help="Model architecture [default: the dataset's].")
+@click.option("--steps", type=int, default=None, help="Optimiser steps [default: the dataset's, App. A].")
+@click.option("--batch-size", type=int, default=None, help="[default: 32, App. A]")
+@click.option("--lr", type=float, default=None, help="Adam learning rate [default: 1e-3, App. A].")
+@click.option("--eps", type=float, default=None, help="L-inf radius of the training attack [default: the dataset's].")
+@click.option("--step-size", type=float, default=None, help="PGD step [default: the dataset's].")
+@click.option("--attack-steps", type=int, default=None, help="PGD steps [default: the dataset's].")
+@click.option("--lam", type=float, default=None, help="TRADES/RLFAT-T KL weight [default: 6].")
+@click.option("--eta", type=float, default=None, help="RLFAT transfer weight [default: 0.5 for -p, 1 for -t].")
+@click.option("--rbs-k", type=int, default=2, show_default=True, help="RBS blocks per axis.")
+@click.option("--rbs-mode", default="batch", show_default=True,
+              help="batch: one shuffle per batch (official code); image: one per image.")
+@click.option("--attack-mode", default="eval", show_default=True,
+              help="Model mode while making x' in training: eval (ours) or train (official code).")
+@click.option("--flip/--no-flip", default=None, help="Random horizontal flip [default: the dataset's].")
+@click.option("--n-train", type=int, default=None, help="Train on the first N training examples.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--name", default=None, help="Run name [default: DEFENSE-DATASET-sSEED].")
+@click.option("--resume", is_flag=True, help="Continue the run from its last checkpoint.")
+@click.option("--checkpoint-every", type=int, default=500, show_default=True)
+@click.option("--log-every", type=int, default=50, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@workdir_option
+@device_options
+def train(defense, dataset, data_dir, arch, steps, batch_size, lr, eps, step_size, attack_steps, lam, eta,
+          rbs_k, rbs_mode, attack_mode, flip, n_train, seed, name, resume, checkpoint_every, log_every,
+          progress, workdir, device, amp, compile_):
+    """Train DEFENSE (see `robench list`), e.g. `robench train rlfat-t --dataset cifar10`."""
+    from robench.runtime import Runtime
+    from robench.train import TrainConfig, train as run_training
+
+    cfg = TrainConfig(defense, dataset, arch, steps, batch_size, lr, eps, step_size, attack_steps, lam, eta,
+                      rbs_k, rbs_mode, attack_mode, flip, seed, n_train)
+    result = run_training(cfg, resolve_workdir(workdir), Runtime.create(device, amp, compile_), name=name,
+                          resume=resume, data_dir=data_dir, checkpoint_every=checkpoint_every,
+                          log_every=log_every, progress=progress)
+    meta = result.meta
+    click.echo(f"trained {meta['defense']} on {meta['dataset']} for {meta['step']} steps "
+               f"({meta['train_seconds']:.1f} s): {result.run_dir}")
+
+
+@cli.command(name="list")
+@workdir_option
+def list_(workdir):
+    """List defenses, attacks, datasets, architectures and the trained runs in the workdir."""
+    from robench.data import describe
+    from robench.models import arch_names
+    from robench.registry import ATTACKS, DATASETS, DEFENSES
+    from robench.workdir import list_runs
+
+    click.echo("defenses:")
+    for name in DEFENSES:
+        click.echo(f"  {name:10s} {DEFENSES[name].summary}")
+    click.echo("attacks:")
+    for name in ATTACKS:
+        click.echo(f"  {name:10s} {(ATTACKS[name].__doc__ or '').strip().splitlines()[0]}")
+    click.echo("datasets:")
+    for name in DATASETS:
+        click.echo(f"  {describe(name)}")
+    click.echo(f"architectures: {', '.join(arch_names())} (any wrn-DEPTH-WIDTH)")
+    workdir = resolve_workdir(workdir)
+    runs = list_runs(workdir)
+    click.echo(f"trained runs in {workdir}: {len(runs) or 'none'}")
+    for run_dir, meta in runs:
+        state = "finished" if meta.get("finished") else "partial"
+        click.echo(f"  {run_dir.name:28s} {meta['defense']:9s} {meta['dataset']:8s} {meta['arch']:10s} "
+                   f"step {meta['step']}/{meta['config']['steps']} {state} "
+                   f"sha256 {meta['files']['weights']['sha256'][:12]}")
+
+
+def main() -> None:
+    cli(prog_name="robench")

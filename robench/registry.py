@@ -1,0 +1,59 @@
+"""Name -> object registries for datasets, architectures, defenses and attacks.
+
+A method registers itself with a decorator (as timm's ``@register_model``), so adding one means
+adding one file. Looking up an unknown name raises a ``UserError`` that lists the valid choices.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable, Generic, Iterator, TypeVar
+
+from robench.errors import UserError
+
+T = TypeVar("T")
+
+
+class Registry(Generic[T]):
+    def __init__(self, kind: str, populate: str | None = None) -> None:
+        self.kind = kind
+        self._populate = populate  # module whose import registers the entries
+        self._items: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        def decorator(obj: T) -> T:
+            if name in self._items:
+                raise ValueError(f"{self.kind} {name!r} is registered twice")
+            self._items[name] = obj
+            return obj
+
+        return decorator
+
+    def _load(self) -> None:
+        if self._populate is not None:
+            importlib.import_module(self._populate)
+
+    def get(self, name: str) -> T:
+        self._load()
+        if name not in self._items:
+            raise UserError(f"unknown {self.kind} {name!r}; choose from: {', '.join(self.names())}")
+        return self._items[name]
+
+    __getitem__ = get
+
+    def names(self) -> list[str]:
+        self._load()
+        return sorted(self._items)
+
+    def __contains__(self, name: object) -> bool:
+        self._load()
+        return name in self._items
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.names())
+
+
+DATASETS: Registry = Registry("dataset", "robench.data")
+ARCHS: Registry = Registry("architecture", "robench.models")
+DEFENSES: Registry = Registry("defense", "robench.defenses")
+ATTACKS: Registry = Registry("attack", "robench.attacks")

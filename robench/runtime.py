@@ -1,0 +1,68 @@
+"""Where and how the arithmetic runs: device, bf16 autocast, channels_last, torch.compile.
+
+On CPU everything is plain float32. On CUDA the defaults use the GPU well: bf16 autocast,
+channels_last memory format and cuDNN autotuning; ``--no-amp`` turns autocast off and
+``--compile`` wraps the model with ``torch.compile``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from robench.errors import UserError
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UserError(f"unknown device {name!r}; use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UserError(f"--device {name} asked for CUDA, but no CUDA GPU is available; use --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UserError(f"--device {name}: only {torch.cuda.device_count()} CUDA device(s) present")
+    elif device.type != "cpu":
+        raise UserError(f"unsupported device {name!r}; use auto, cpu, cuda or cuda:N")
+    return device
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    amp: bool = True  # bf16 autocast, CUDA only
+    channels_last: bool = True  # CUDA only
+    compile: bool = False
+
+    @classmethod
+    def create(cls, device: str = "auto", amp: bool = True, compile: bool = False) -> "Runtime":
+        dev = resolve_device(device)
+        if dev.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        return cls(dev, amp=amp and dev.type == "cuda", channels_last=dev.type == "cuda", compile=compile)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.amp:
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def prepare(self, model: nn.Module) -> nn.Module:
+        model = model.to(self.device)
+        if self.channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        return model
+
+    def maybe_compile(self, model: nn.Module) -> nn.Module:
+        return torch.compile(model) if self.compile else model
+
+    def batch(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.to(self.device, non_blocking=True)
+        return x.contiguous(memory_format=torch.channels_last) if self.channels_last and x.dim() == 4 else x

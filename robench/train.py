@@ -1,0 +1,272 @@
+"""The training loop shared by every defense (paper App. A: Adam, constant lr, batch 32, random
+horizontal flip, a fixed number of steps).
+
+Resuming is exact: the batch order and every random draw of step ``s`` (flip, PGD start, RBS)
+come from a seed derived from (seed, step), so a run resumed from a checkpoint at step ``s``
+draws exactly what an uninterrupted run would; weights, BatchNorm statistics and Adam's
+moments come from the checkpoint.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import io
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from robench import atomic, checkpoint
+from robench.config import DATASET_DEFAULTS
+from robench.data import Splits, load_dataset
+from robench.errors import UserError
+from robench.models import build_model
+from robench.rbs import MODES as RBS_MODES
+from robench.registry import DEFENSES
+from robench.runtime import Runtime
+from robench.workdir import runs_dir
+from robench.defense import ATTACK_MODES
+
+LOG = "train_log.csv"
+LOG_FIELDS = ("step", "loss", "train_acc", "elapsed_s")
+
+
+@dataclass
+class TrainConfig:
+    """Everything that determines the trained weights. ``None`` means the dataset's default."""
+
+    defense: str
+    dataset: str = "digits"
+    arch: str | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    eps: float | None = None
+    step_size: float | None = None
+    attack_steps: int | None = None
+    lam: float | None = None  # TRADES' lambda (defense default 6)
+    eta: float | None = None  # RLFAT's eta (defense default: 0.5 for -P, 1 for -T)
+    rbs_k: int = 2
+    rbs_mode: str = "batch"  # "batch": official code; "image": per-image RBS
+    attack_mode: str = "eval"  # "eval": our default; "train": official code
+    flip: bool | None = None
+    seed: int = 0
+    n_train: int | None = None  # train on the first n examples (CPU-scale runs)
+
+    def resolved(self) -> "TrainConfig":
+        defaults = DATASET_DEFAULTS.get(self.dataset)
+        if defaults is None:
+            raise UserError(f"unknown dataset {self.dataset!r}; choose from: {', '.join(sorted(DATASET_DEFAULTS))}")
+        defense = DEFENSES.get(self.defense)
+        filled = {f.name: getattr(defaults, f.name) for f in dataclasses.fields(defaults)
+                  if hasattr(self, f.name) and getattr(self, f.name) is None}
+        filled["steps"] = self.steps if self.steps is not None else defaults.train_steps
+        cfg = dataclasses.replace(self, **filled)
+        probe = defense(cfg.eps, cfg.step_size, cfg.attack_steps, lam=cfg.lam, eta=cfg.eta)
+        cfg = dataclasses.replace(cfg, lam=probe.lam, eta=probe.eta)
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        checks = [
+            (self.steps > 0, f"--steps must be positive, got {self.steps}"),
+            (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
+            (self.lr > 0, f"--lr must be positive, got {self.lr}"),
+            (0 < self.eps <= 1, f"--eps must be in (0, 1], got {self.eps}"),
+            (self.step_size > 0, f"--step-size must be positive, got {self.step_size}"),
+            (self.attack_steps > 0, f"--attack-steps must be positive, got {self.attack_steps}"),
+            (self.rbs_k >= 1, f"--rbs-k must be at least 1, got {self.rbs_k}"),
+            (self.rbs_mode in RBS_MODES, f"--rbs-mode must be one of {', '.join(RBS_MODES)}"),
+            (self.attack_mode in ATTACK_MODES, f"--attack-mode must be one of {', '.join(ATTACK_MODES)}"),
+            (self.n_train is None or self.n_train > 0, f"--n-train must be positive, got {self.n_train}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise UserError(message)
+
+    def default_name(self) -> str:
+        return f"{self.defense}-{self.dataset}-s{self.seed}"
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    # Distinct, reproducible streams per (seed, step, rank); any fixed injective-ish mix works.
+    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
+
+
+class BatchOrder:
+    """Epoch-wise random permutations of the training set, reproducible from (seed, epoch)."""
+
+    def __init__(self, n: int, batch_size: int, seed: int) -> None:
+        if batch_size > n:
+            raise UserError(f"--batch-size {batch_size} is larger than the training set ({n} examples)")
+        self.n, self.batch_size, self.seed = n, batch_size, seed
+        self.per_epoch = n // batch_size  # drop the last partial batch
+        self._epoch, self._perm = -1, torch.empty(0, dtype=torch.long)
+
+    def indices(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.per_epoch)
+        if epoch != self._epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
+        return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
+
+
+def random_flip(x: torch.Tensor) -> torch.Tensor:
+    flip = torch.rand(x.shape[0], device=x.device) < 0.5
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def _read_log(path: Path, upto: int) -> list[dict]:
+    if not path.exists():
+        return []
+    with open(path, newline="") as f:
+        return [row for row in csv.DictReader(f) if int(row["step"]) <= upto]
+
+
+def _write_log(path: Path, rows: list[dict]) -> None:
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, LOG_FIELDS)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic.write_text(path, buf.getvalue())
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    meta: dict[str, Any]
+
+
+def train(
+    cfg: TrainConfig,
+    workdir: Path,
+    runtime: Runtime | None = None,
+    name: str | None = None,
+    resume: bool = False,
+    data_dir: Path | None = None,
+    checkpoint_every: int = 500,
+    log_every: int = 50,
+    progress: bool = True,
+    splits: Splits | None = None,
+) -> TrainResult:
+    """Train ``cfg.defense`` and save checkpoints into ``workdir/runs/<name>``."""
+    runtime = runtime or Runtime.create("cpu")
+    cfg = cfg.resolved()
+    if checkpoint_every <= 0 or log_every <= 0:
+        raise UserError("--checkpoint-every and --log-every must be positive")
+    run_dir = runs_dir(workdir) / (name or cfg.default_name())
+    start = 0
+    existing = (run_dir / checkpoint.META).exists()
+    if existing and not resume:
+        meta = checkpoint.read_meta(run_dir)
+        raise UserError(f"run {run_dir} already exists (step {meta['step']}/{meta['config']['steps']}); "
+                        f"pass --resume to continue it or --name to start another")
+    if resume and existing:
+        saved = checkpoint.read_meta(run_dir)["config"]
+        differ = [k for k, v in dataclasses.asdict(cfg).items() if k != "steps" and saved.get(k) != v]
+        if differ:
+            raise UserError(f"--resume with settings that differ from the run in {run_dir}: {', '.join(differ)}")
+
+    splits = splits or load_dataset(cfg.dataset, data_dir)
+    x_train, y_train = splits.x_train, splits.y_train
+    if cfg.n_train is not None:
+        x_train, y_train = x_train[:cfg.n_train], y_train[:cfg.n_train]
+    c, h, w = x_train.shape[1:]
+    x_train, y_train = runtime.batch(x_train), y_train.to(runtime.device)
+
+    torch.manual_seed(cfg.seed)  # initial weights
+    model = runtime.prepare(build_model(cfg.arch, c, splits.num_classes))
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    if resume and existing:
+        start = int(checkpoint.load(run_dir, model, optimizer)["step"])
+    forward = runtime.maybe_compile(model)
+    defense = DEFENSES.get(cfg.defense)(
+        cfg.eps, cfg.step_size, cfg.attack_steps, lam=cfg.lam, eta=cfg.eta, rbs_k=cfg.rbs_k,
+        rbs_mode=cfg.rbs_mode, attack_mode=cfg.attack_mode, autocast=runtime.autocast)
+    order = BatchOrder(len(x_train), cfg.batch_size, cfg.seed)
+    base_meta = {
+        "defense": cfg.defense, "dataset": cfg.dataset, "arch": cfg.arch, "in_channels": c,
+        "image_size": [h, w], "num_classes": splits.num_classes, "classes": splits.classes,
+        "config": dataclasses.asdict(cfg), "objective": defense.hyperparameters(),
+        "runtime": {"device": str(runtime.device), "amp": runtime.amp, "compile": runtime.compile},
+    }
+    log_path = run_dir / LOG
+    rows = _read_log(log_path, start)
+    elapsed0 = float(rows[-1]["elapsed_s"]) if rows else 0.0
+    t0 = time.perf_counter()
+
+    def save(step: int) -> dict:
+        _write_log(log_path, rows)
+        return checkpoint.save(run_dir, model, optimizer, {
+            **base_meta, "step": step, "finished": step >= cfg.steps,
+            "train_seconds": elapsed0 + time.perf_counter() - t0})
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if not existing:
+        save(0)
+    # On a GPU, checking the loss every step would synchronise; check at log points instead.
+    check_every = 1 if runtime.device.type == "cpu" else log_every
+    loss_sum = torch.zeros((), device=runtime.device)
+    correct = torch.zeros((), device=runtime.device)
+    seen = 0
+    finite = torch.ones((), dtype=torch.bool, device=runtime.device)
+    last_good = start
+    bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.defense}", unit="step",
+               disable=not progress, dynamic_ncols=True)
+    model.train()
+    step = start
+    try:
+        for step in range(start, cfg.steps):
+            torch.manual_seed(step_seed(cfg.seed, step))
+            idx = order.indices(step).to(runtime.device)
+            x, y = x_train[idx], y_train[idx]
+            if cfg.flip:
+                x = random_flip(x)
+            x_adv = defense.adversarial(forward, x, y)
+            with runtime.autocast():
+                loss, logits = defense.loss(forward, x, x_adv, y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            loss_d = loss.detach()
+            finite &= torch.isfinite(loss_d)
+            loss_sum += loss_d
+            correct += (logits.detach().argmax(1) == y).sum()
+            seen += len(y)
+            done = step + 1
+            if done % check_every == 0 and not bool(finite):
+                raise UserError(f"loss became NaN/inf by step {done}; stopped. The last good checkpoint "
+                                f"(step {last_good}) is kept in {run_dir}; lower --lr or check the data")
+            if done % log_every == 0 or done == cfg.steps:
+                n_steps = done - (int(rows[-1]["step"]) if rows else start)
+                row = {"step": done, "loss": f"{loss_sum.item() / max(n_steps, 1):.6f}",
+                       "train_acc": f"{correct.item() / max(seen, 1):.4f}",
+                       "elapsed_s": f"{elapsed0 + time.perf_counter() - t0:.2f}"}
+                rows.append(row)
+                bar.set_postfix(loss=row["loss"], acc=row["train_acc"])
+                loss_sum.zero_(), correct.zero_()
+                seen = 0
+            if done % checkpoint_every == 0 or done == cfg.steps:
+                if not bool(finite):
+                    raise UserError(f"loss became NaN/inf by step {done}; stopped. The last good "
+                                    f"checkpoint (step {last_good}) is kept in {run_dir}")
+                save(done)
+                last_good = done
+            bar.update(1)
+    except KeyboardInterrupt:
+        bar.close()
+        raise UserError(f"interrupted; the last checkpoint (step {last_good}) is in {run_dir}; "
+                        f"continue with --resume") from None
+    bar.close()
+    meta = checkpoint.read_meta(run_dir)
+    return TrainResult(run_dir, meta)
+
+
+def build_from_meta(meta: dict) -> nn.Module:
+    return build_model(meta["arch"], meta["in_channels"], meta["num_classes"])
+

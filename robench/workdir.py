@@ -1,0 +1,47 @@
+"""The working directory: trained runs under ``runs/<name>/`` and the results database.
+
+Default ``./robench-runs``, overridden by ``--workdir`` or ``ROBENCH_WORKDIR``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from robench import checkpoint
+from robench.errors import UserError
+
+
+def default_workdir() -> Path:
+    return Path(os.environ.get("ROBENCH_WORKDIR", "robench-runs"))
+
+
+def runs_dir(workdir: Path) -> Path:
+    return Path(workdir) / "runs"
+
+
+def list_runs(workdir: Path) -> list[tuple[Path, dict]]:
+    """Every run with a readable checkpoint record, newest first."""
+    found = []
+    for meta_path in sorted(runs_dir(workdir).glob(f"*/{checkpoint.META}")):
+        try:
+            found.append((meta_path.parent, checkpoint.read_meta(meta_path)))
+        except UserError:
+            continue
+    return sorted(found, key=lambda r: r[1].get("saved_at", ""), reverse=True)
+
+
+def find_run(workdir: Path, defense: str, dataset: str | None = None) -> tuple[Path, dict]:
+    """The newest finished run of ``defense`` (on ``dataset`` if given) in the workdir."""
+    runs = [(d, m) for d, m in list_runs(workdir) if m["defense"] == defense and m.get("finished")]
+    if dataset is not None:
+        runs = [(d, m) for d, m in runs if m["dataset"] == dataset]
+    if not runs:
+        on = f" --dataset {dataset}" if dataset else " --dataset DATASET"
+        raise UserError(f"no trained {defense!r} checkpoint{' for ' + dataset if dataset else ''} in "
+                        f"{workdir}; make one with: robench train {defense}{on} --workdir {workdir}")
+    datasets = sorted({m["dataset"] for _, m in runs})
+    if len(datasets) > 1:
+        raise UserError(f"{defense!r} was trained on several datasets in {workdir} ({', '.join(datasets)}); "
+                        f"pass --dataset")
+    return runs[0]
