@@ -131,3 +131,79 @@ def list_(workdir):
 
 def main() -> None:
     cli(prog_name="robench")
+
+
+def parse_overrides(values: tuple[str, ...]) -> dict[str, dict]:
+    """``-o nattack.population=100`` -> {"nattack": {"population": 100}} (values parsed as JSON
+    when they parse, e.g. numbers, true/false; else kept as strings)."""
+    import json
+
+    out: dict[str, dict] = {}
+    for item in values:
+        target, sep, value = item.partition("=")
+        attack, dot, param = target.partition(".")
+        if not sep or not dot or not attack or not param:
+            raise UserError(f"-o {item!r}: expected ATTACK.PARAM=VALUE, e.g. -o nattack.population=100")
+        try:
+            parsed = json.loads(value)
+        except json.JSONDecodeError:
+            parsed = value
+        out.setdefault(attack, {})[param] = parsed
+    return out
+
+
+def split_names(value: str, what: str) -> list[str]:
+    names = [v.strip() for v in value.split(",") if v.strip()]
+    if not names:
+        raise UserError(f"{what} is empty")
+    return names
+
+
+@cli.command(name="eval")
+@click.option("--defense", "defenses", default=None,
+              help="Trained defense(s) in the workdir, comma-separated, e.g. rlfat-p,trades.")
+@click.option("--checkpoint", "checkpoint_path", type=click.Path(path_type=Path), default=None,
+              help="Evaluate a model file trained elsewhere (.safetensors or a weights-only state dict).")
+@click.option("--arch", default=None, help="Architecture of --checkpoint [default: the dataset's].")
+@click.option("--dataset", default=None,
+              help="[default: the dataset the defense's newest checkpoint was trained on]")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--attacks", default="pgd,cw,nattack", show_default=True,
+              help="Comma-separated; see `robench list`.")
+@click.option("--n", type=int, default=None,
+              help="First N test images [default: the whole test set; 1500 for nattack, as in the paper].")
+@click.option("--eps", default=None,
+              help="L-inf radius, or several comma-separated for an accuracy-vs-eps curve "
+                   "[default: the dataset's]; the step size keeps the dataset's step/eps ratio.")
+@click.option("-o", "--attack-option", "options", multiple=True,
+              help="Attack parameter, ATTACK.PARAM=VALUE, repeatable (e.g. -o nattack.iterations=100).")
+@click.option("--faithful", is_flag=True, help="N-attack: the official code's margin quirk.")
+@click.option("--nattack-chunk", type=int, default=None, help="N-attack: images per forward chunk.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@workdir_option
+@device_options
+def eval_(defenses, checkpoint_path, arch, dataset, data_dir, attacks, n, eps, options, faithful, nattack_chunk,
+          batch_size, seed, as_json, progress, workdir, device, amp, compile_):
+    """Evaluate defenses under attacks, e.g. `robench eval --defense rlfat-p --attacks pgd,cw,nattack`."""
+    import json
+
+    from robench.evaluate import run_eval
+    from robench.runtime import Runtime
+
+    if (defenses is None) == (checkpoint_path is None):
+        raise UserError("pass --defense NAME[,NAME...] (trained in the workdir) or --checkpoint FILE")
+    overrides = parse_overrides(options)
+    if faithful:
+        overrides.setdefault("nattack", {})["faithful"] = True
+    if nattack_chunk is not None:
+        overrides.setdefault("nattack", {})["chunk"] = nattack_chunk
+    eps_list = [float(e) for e in split_names(eps, "--eps")] if eps else [None]
+    report = run_eval(
+        defenses=split_names(defenses, "--defense") if defenses else [], checkpoint_path=checkpoint_path,
+        arch=arch, dataset=dataset, data_dir=data_dir, attacks=split_names(attacks, "--attacks"), n=n,
+        eps_list=eps_list, overrides=overrides, batch_size=batch_size, seed=seed,
+        workdir=resolve_workdir(workdir), runtime=Runtime.create(device, amp, compile_), progress=progress)
+    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.table())

@@ -1,0 +1,311 @@
+"""Run trained defenses through attacks and store every per-example outcome.
+
+Examples are always the first ``n`` test images in the dataset's order, so results of different
+attacks on one checkpoint line up example by example, and worst-case accuracy (the share of
+examples that survive every attack) is an AND over stored outcomes. Work is done in batches;
+each finished batch is stored at once, so an interrupted evaluation resumes from the batches it
+finished. Batch ``b`` draws its randomness from (seed, b), so a resumed or sharded evaluation
+gives the same per-example outcomes as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+from robench import checkpoint
+from robench.attack import Attack, check_adversarial
+from robench.config import DATASET_DEFAULTS
+from robench.data import Splits
+from robench.errors import UserError
+from robench.models import build_model
+from robench.registry import ATTACKS, DATASETS, DEFENSES
+from robench.results import Key, Row, Store, canonical, iter_batches, now, wilson
+from robench.runtime import Runtime
+
+CLEAN = "clean"
+
+
+@dataclass
+class Target:
+    """A model to evaluate, with the identity its results are stored under."""
+
+    label: str  # defense name, or the file name for a plain model file
+    model: nn.Module
+    sha256: str
+    dataset: str
+    meta: dict[str, Any]
+
+
+def target_from_run(run_dir: Path) -> Target:
+    meta = checkpoint.read_meta(run_dir)
+    model = build_model(meta["arch"], meta["in_channels"], meta["num_classes"])
+    checkpoint.load(run_dir, model)
+    return Target(meta["defense"], model, meta["files"]["weights"]["sha256"], meta["dataset"], meta)
+
+
+def target_from_file(path: Path, arch: str, dataset: str, splits: Splits) -> Target:
+    """A model trained elsewhere: a safetensors file, or a state dict loaded with
+    ``torch.load(weights_only=True)``. Neither can execute code."""
+    if not path.is_file():
+        raise UserError(f"--checkpoint {path} does not exist")
+    model = build_model(arch, splits.image_shape[0], splits.num_classes)
+    if path.suffix == ".safetensors":
+        state = checkpoint.load_weights(path)
+    else:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # refuse anything that is not plain tensors; never execute it
+            raise UserError(f"cannot load {path} safely as weights ({type(e).__name__}); "
+                            f"save a state_dict or use safetensors") from None
+        if isinstance(state, dict) and "state_dict" in state:
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise UserError(f"{path} does not hold a state dict")
+    checkpoint.load_into(model, state, path, arch)
+    meta = {"defense": path.stem, "dataset": dataset, "arch": arch, "source": str(path)}
+    return Target(path.stem, model, checkpoint.sha256(path), dataset, meta)
+
+
+def make_attack(name: str, dataset: str, eps: float | None = None, overrides: dict[str, Any] | None = None,
+                autocast=None) -> Attack:
+    """The named attack with the dataset's paper defaults. A user ``eps`` keeps the dataset's
+    step/eps ratio (App. A: step = eps / 4)."""
+    defaults = DATASET_DEFAULTS[dataset]
+    if eps is not None:
+        if not 0 < eps <= 1:
+            raise UserError(f"--eps must be in (0, 1], got {eps}")
+        defaults = dataclasses.replace(defaults, eps=eps, step_size=defaults.step_size * eps / defaults.eps)
+    cls = ATTACKS.get(name)
+    attack = cls.for_dataset(defaults, **(overrides or {}))
+    if autocast is not None and hasattr(attack, "autocast"):
+        attack.autocast = autocast
+    return attack
+
+
+def batch_seed(seed: int, batch: int) -> int:
+    return (seed * 1_000_003 + batch * 7_919 + 17) % (2**31 - 1)
+
+
+def evaluate(
+    target: Target,
+    splits: Splits,
+    attack_name: str,
+    attack: Attack | None,
+    n: int,
+    store: Store,
+    runtime: Runtime,
+    batch_size: int = 256,
+    seed: int = 0,
+    progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
+) -> Row | None:
+    """Evaluate one target under one attack (``None``: clean) on the first ``n`` test images.
+
+    Returns the stored row (cached rows are returned as they are). With ``world > 1`` each rank
+    takes every ``world``-th batch; rank 0 gathers the outcomes and returns the row, the other
+    ranks return None.
+    """
+    if n > len(splits.x_test):
+        raise UserError(f"--n {n} is larger than the {splits.name} test set ({len(splits.x_test)} images)")
+    if n <= 0 or batch_size <= 0:
+        raise UserError("--n and --batch-size must be positive")
+    params = attack.params() if attack is not None else {}
+    key = Key(target.sha256, target.dataset, "test", "attack", attack_name, canonical(params), n, seed)
+    cached = store.get(key)
+    if cached is not None:
+        return cached if rank == 0 else None
+    done = store.partial(key)
+    model = runtime.prepare(target.model).eval()
+    mine = [(b, sl) for b, sl in iter_batches(n, batch_size) if b % world == rank and b not in done]
+    bar = tqdm(mine, desc=f"{target.label}: {attack_name}", unit="batch", disable=not progress or not mine,
+               leave=False, dynamic_ncols=True)
+    for b, sl in bar:
+        t0 = time.perf_counter()
+        x, y = runtime.batch(splits.x_test[sl]), splits.y_test[sl].to(runtime.device)
+        torch.manual_seed(batch_seed(seed, b))
+        if attack is None:
+            x_adv = x
+        else:
+            x_adv = dataclasses.replace(attack, seed=batch_seed(seed, b)).perturb(model, x, y)
+            try:  # independent of the attack's own check: never count an invalid example
+                check_adversarial(x_adv, x, attack.eps, attack_name)
+            except RuntimeError as e:
+                raise UserError(f"attack {attack_name!r} returned invalid examples, nothing stored: {e}") from None
+        with torch.no_grad(), runtime.autocast():
+            correct = (model(x_adv).argmax(1) == y).float().cpu().numpy()
+        store.put_partial(key, b, correct, time.perf_counter() - t0)
+    bar.close()
+    if world > 1:
+        torch.distributed.barrier()
+        if rank != 0:
+            return None
+    done = store.partial(key)
+    outcomes = np.concatenate([done[b][0] for b, _ in iter_batches(n, batch_size)])
+    acc = float(outcomes.mean())
+    row = Row(key, target.label, acc, wilson(outcomes.sum(), n), outcomes,
+              sum(w for _, w in done.values()), checkpoint.versions(), str(runtime.device), now())
+    store.put(row)
+    return row
+
+
+def worst_case(rows: list[Row]) -> tuple[float, int]:
+    """Share of the common first examples that every row keeps correct, and how many examples."""
+    m = min(len(r.outcomes) for r in rows)
+    alive = np.logical_and.reduce([r.outcomes[:m] > 0.5 for r in rows])
+    return float(alive.mean()), m
+
+
+@dataclass
+class Entry:
+    label: str
+    dataset: str
+    eps: float | None  # None for clean accuracy
+    attack: str
+    row: Row
+
+
+@dataclass
+class EvalReport:
+    entries: list[Entry]
+
+    def groups(self) -> dict[tuple[str, float], list[Entry]]:
+        """Entries per (dataset, eps), each group holding every label's clean row too."""
+        out: dict[tuple[str, float], list[Entry]] = {}
+        for e in self.entries:
+            if e.eps is not None:
+                out.setdefault((e.dataset, e.eps), [])
+        for (dataset, eps), group in out.items():
+            group.extend(e for e in self.entries if e.dataset == dataset and e.eps in (None, eps))
+        return out
+
+    def table(self) -> str:
+        lines = []
+        for (dataset, eps), group in self.groups().items():
+            attacks = list(dict.fromkeys(e.attack for e in group))
+            lines.append(f"{dataset}, eps = {eps:g}: accuracy % (95% Wilson interval), first n test images")
+            head = ["defense", *attacks, "worst case"]
+            body = []
+            for label in dict.fromkeys(e.label for e in group):
+                rows = {e.attack: e.row for e in group if e.label == label}
+                cells = [label] + [_cell(rows[a]) if a in rows else "-" for a in attacks]
+                wc, m = worst_case(list(rows.values()))
+                body.append(cells + [f"{100 * wc:.1f} (n={m})"])
+            widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+            for r in [head, ["-" * w for w in widths], *body]:
+                lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+            lines.append("")
+        return "\n".join(lines).rstrip()
+
+    def as_dict(self) -> dict:
+        out = []
+        for (dataset, eps), group in self.groups().items():
+            for label in dict.fromkeys(e.label for e in group):
+                rows = {e.attack: e.row for e in group if e.label == label}
+                wc, m = worst_case(list(rows.values()))
+                out.append({
+                    "defense": label, "dataset": dataset, "eps": eps, "checkpoint": next(iter(rows.values())).key.checkpoint,
+                    "results": {a: {"accuracy": r.value, "ci95": list(r.ci), "n": r.key.n,
+                                    "params": json.loads(r.key.params), "wall_s": r.wall_s} for a, r in rows.items()},
+                    "worst_case": {"accuracy": wc, "n": m},
+                })
+        return {"results": out}
+
+
+def _cell(row: Row) -> str:
+    lo, hi = row.ci
+    return f"{100 * row.value:.1f} ({100 * lo:.1f}-{100 * hi:.1f})"
+
+
+def run_eval(
+    defenses: list[str],
+    attacks: list[str],
+    workdir: Path,
+    runtime: Runtime,
+    checkpoint_path: Path | None = None,
+    arch: str | None = None,
+    dataset: str | None = None,
+    data_dir: Path | None = None,
+    n: int | None = None,
+    eps_list: list[float | None] = (None,),
+    overrides: dict[str, dict] | None = None,
+    batch_size: int = 256,
+    seed: int = 0,
+    progress: bool = True,
+    rank: int = 0,
+    world: int = 1,
+) -> EvalReport:
+    """Evaluate each defense (or a model file) under each attack at each eps and store it all."""
+    from robench.data import load_dataset
+    from robench.workdir import find_run
+
+    overrides = overrides or {}
+    for name in [*attacks, *overrides]:
+        ATTACKS.get(name)
+    stray = set(overrides) - set(attacks)
+    if stray:
+        raise UserError(f"options given for attack(s) not run: {', '.join(sorted(stray))}")
+    if n is not None and n <= 0:
+        raise UserError(f"--n must be positive, got {n}")
+    if batch_size <= 0:
+        raise UserError(f"--batch-size must be positive, got {batch_size}")
+    if dataset is not None:
+        DATASETS.get(dataset)
+
+    # Resolve everything that can fail on user input before any work starts.
+    sources: list[tuple[str, Path | None]] = []
+    if checkpoint_path is not None:
+        if dataset is None:
+            raise UserError("--checkpoint needs --dataset (the data the model was trained on)")
+        sources.append((dataset, None))
+    for defense in defenses:
+        DEFENSES.get(defense)
+        run_dir, meta = find_run(workdir, defense, dataset)
+        sources.append((meta["dataset"], run_dir))
+    for ds, _ in sources:
+        for eps in eps_list:
+            for a in attacks:
+                make_attack(a, ds, eps, overrides.get(a))
+
+    store = Store.in_workdir(workdir)
+    splits_cache: dict[str, Splits] = {}
+    entries: list[Entry] = []
+    try:
+        for ds, run_dir in sources:
+            if ds not in splits_cache:
+                splits_cache[ds] = load_dataset(ds, data_dir)
+            splits = splits_cache[ds]
+            if n is not None and n > len(splits.x_test):
+                raise UserError(f"--n {n} is larger than the {ds} test set ({len(splits.x_test)} images)")
+            if run_dir is None:
+                target = target_from_file(checkpoint_path, arch or DATASET_DEFAULTS[ds].arch, ds, splits)
+            else:
+                target = target_from_run(run_dir)
+            model = runtime.maybe_compile(runtime.prepare(target.model))
+            target = dataclasses.replace(target, model=model)
+            n_clean = n or len(splits.x_test)
+            common = dict(store=store, runtime=runtime, batch_size=batch_size, seed=seed, progress=progress,
+                          rank=rank, world=world)
+            row = evaluate(target, splits, CLEAN, None, n_clean, **common)
+            if row is not None:
+                entries.append(Entry(target.label, ds, None, CLEAN, row))
+            for eps in eps_list:
+                for a in attacks:
+                    attack = make_attack(a, ds, eps, overrides.get(a), runtime.autocast)
+                    n_a = n or min(attack.default_n or len(splits.x_test), len(splits.x_test))
+                    row = evaluate(target, splits, a, attack, n_a, **common)
+                    if row is not None:
+                        entries.append(Entry(target.label, ds, attack.eps, a, row))
+    finally:
+        store.close()
+    return EvalReport(entries)

@@ -1,0 +1,213 @@
+"""Attacks and the evaluator: validity, strength, agreement with torchattacks, resume, store."""
+
+import json
+import multiprocessing as mp
+import pickle
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from robench import checkpoint
+from robench.attack import BALL_TOL
+from robench.errors import UserError
+from robench.evaluate import make_attack, run_eval, target_from_file, target_from_run, worst_case
+from robench.registry import ATTACKS
+from robench.results import Key, Row, Store, wilson
+from robench.runtime import Runtime
+from robench.workdir import find_run
+
+CPU = Runtime.create("cpu")
+CHEAP = {"nattack": {"population": 20, "iterations": 20}, "autoattack": {"version": "custom", "attacks": ["apgd-ce"]}}
+
+
+def model_of(workdir, defense="standard"):
+    run_dir, _ = find_run(workdir, defense)
+    return target_from_run(run_dir).model.eval()
+
+
+@pytest.mark.parametrize("name", ATTACKS.names())
+@pytest.mark.parametrize("eps", [0.05, 0.3])
+def test_every_attack_stays_in_ball_and_box(name, eps, trained_workdir, digits):
+    model = model_of(trained_workdir)
+    attack = make_attack(name, "digits", eps, CHEAP.get(name))
+    x, y = digits.x_test[:16], digits.y_test[:16]
+    x_adv = attack.perturb(model, x, y)
+    assert x_adv.shape == x.shape
+    assert (x_adv - x).abs().max().item() <= eps + BALL_TOL
+    assert x_adv.min().item() >= -BALL_TOL and x_adv.max().item() <= 1 + BALL_TOL
+
+
+@pytest.mark.parametrize("name", ["pgd", "cw"])
+def test_white_box_attacks_break_an_undefended_model(name, trained_workdir, digits):
+    model = model_of(trained_workdir)
+    x, y = digits.x_test[:100], digits.y_test[:100]
+    assert (model(x).argmax(1) == y).float().mean() > 0.8
+    x_adv = make_attack(name, "digits", 0.3).perturb(model, x, y)
+    assert (model(x_adv).argmax(1) == y).float().mean() <= 0.02
+
+
+def test_pgd_agrees_with_torchattacks(trained_workdir, digits):
+    torchattacks = pytest.importorskip("torchattacks")
+    model = model_of(trained_workdir, "pgdat")
+    x, y = digits.x_test, digits.y_test
+    ours = make_attack("pgd", "digits", 0.1)
+    theirs = torchattacks.PGD(model, eps=0.1, alpha=ours.step_size, steps=ours.attack_steps, random_start=True)
+    torch.manual_seed(0)
+    acc_ours = (model(ours.perturb(model, x, y)).argmax(1) == y).float().mean().item()
+    torch.manual_seed(0)
+    acc_theirs = (model(theirs(x, y)).argmax(1) == y).float().mean().item()
+    assert 0.2 < acc_ours < 0.95  # a meaningful operating point, not 0 or 1
+    assert abs(acc_ours - acc_theirs) <= 0.01
+
+
+def test_a_broken_attack_is_caught(trained_workdir, digits, monkeypatch):
+    """The evaluator checks the eps-ball itself; an attack that leaves it yields an error, no row."""
+    pgd_cls = ATTACKS["pgd"]
+    monkeypatch.setattr(pgd_cls, "perturb", lambda self, model, x, y: (x + 2 * self.eps).clamp(0, 1))
+    with pytest.raises(UserError, match="left the eps-ball"):
+        run_eval(["standard"], ["pgd"], trained_workdir, CPU, n=32, progress=False)
+    with Store.in_workdir(trained_workdir) as store:
+        assert not store.rows(name="pgd", n=32)
+
+
+def test_eval_stores_and_reuses_results(tmp_path, trained_workdir):
+    report = run_eval(["standard", "pgdat"], ["pgd", "cw"], trained_workdir, CPU, n=64, progress=False)
+    table = report.table()
+    assert "standard" in table and "pgdat" in table and "worst case" in table
+    data = report.as_dict()["results"]
+    assert {d["defense"] for d in data} == {"standard", "pgdat"}
+    pgdat = next(d for d in data if d["defense"] == "pgdat")
+    assert pgdat["worst_case"]["accuracy"] <= min(r["accuracy"] for r in pgdat["results"].values())
+    json.dumps(report.as_dict())
+    with Store.in_workdir(trained_workdir) as store:
+        count = len(store.rows())
+    again = run_eval(["standard", "pgdat"], ["pgd", "cw"], trained_workdir, CPU, n=64, progress=False)
+    assert again.as_dict() == report.as_dict()
+    with Store.in_workdir(trained_workdir) as store:
+        assert len(store.rows()) == count  # nothing re-run, nothing duplicated
+
+
+def test_interrupted_eval_resumes_to_the_same_result(tmp_path, trained_workdir, monkeypatch):
+    import shutil
+
+    a, b = tmp_path / "a", tmp_path / "b"
+    for w in (a, b):
+        shutil.copytree(trained_workdir / "runs", w / "runs")
+    clean = run_eval(["pgdat"], ["pgd"], a, CPU, n=100, batch_size=16, progress=False)
+
+    from robench import evaluate as ev
+    real = ev.check_adversarial
+    calls = {"n": 0}
+
+    def die_on_fourth(*args, **kw):
+        calls["n"] += 1
+        if calls["n"] == 4:
+            raise KeyboardInterrupt
+        return real(*args, **kw)
+
+    monkeypatch.setattr(ev, "check_adversarial", die_on_fourth)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(["pgdat"], ["pgd"], b, CPU, n=100, batch_size=16, progress=False)
+    with Store.in_workdir(b) as store:
+        assert not store.rows(name="pgd")
+    monkeypatch.setattr(ev, "check_adversarial", real)
+    resumed = run_eval(["pgdat"], ["pgd"], b, CPU, n=100, batch_size=16, progress=False)
+    ra, rb = (next(e.row for e in r.entries if e.attack == "pgd") for r in (clean, resumed))
+    np.testing.assert_array_equal(ra.outcomes, rb.outcomes)
+    with Store.in_workdir(b) as store:
+        assert len(store.rows(name="pgd")) == 1
+        assert store.db.execute("SELECT COUNT(*) FROM partial").fetchone()[0] == 0
+
+
+def test_missing_defense_names_the_train_command(trained_workdir):
+    with pytest.raises(UserError, match="robench train rlfat-t"):
+        run_eval(["rlfat-t"], ["pgd"], trained_workdir, CPU, progress=False)
+
+
+def test_bad_eval_inputs(trained_workdir):
+    with pytest.raises(UserError, match="unknown attack 'fgsm'"):
+        run_eval(["standard"], ["fgsm"], trained_workdir, CPU, progress=False)
+    with pytest.raises(UserError, match="larger than the digits test set"):
+        run_eval(["standard"], ["pgd"], trained_workdir, CPU, n=100_000, progress=False)
+    with pytest.raises(UserError, match="no parameter"):
+        run_eval(["standard"], ["pgd"], trained_workdir, CPU, overrides={"pgd": {"bogus": 1}}, progress=False)
+    with pytest.raises(UserError, match="eps"):
+        run_eval(["standard"], ["pgd"], trained_workdir, CPU, eps_list=[0.0], progress=False)
+
+
+def test_plain_model_files(tmp_path, trained_workdir, digits):
+    run_dir, meta = find_run(trained_workdir, "standard")
+    state = checkpoint.load_weights(run_dir / meta["files"]["weights"]["name"])
+    st, pt = tmp_path / "m.safetensors", tmp_path / "m.pt"
+    save_file(state, str(st))
+    torch.save(state, pt)
+    for path in (st, pt):
+        t = target_from_file(path, "tiny-cnn", "digits", digits)
+        assert (t.model.eval()(digits.x_test[:50]).argmax(1) == digits.y_test[:50]).float().mean() > 0.8
+    with pytest.raises(UserError, match="do not fit architecture"):
+        target_from_file(st, "small-cnn", "digits", digits)
+
+
+class Boom:
+    def __reduce__(self):
+        import os
+        return (os.system, ("touch /tmp/robench-pwned-eval",))
+
+
+def test_pickle_with_code_is_refused_without_running_it(tmp_path, digits):
+    import os
+    marker = "/tmp/robench-pwned-eval"
+    if os.path.exists(marker):
+        os.remove(marker)
+    evil = tmp_path / "evil.pt"
+    evil.write_bytes(pickle.dumps({"fc.weight": Boom()}))
+    with pytest.raises(UserError, match="safely"):
+        target_from_file(evil, "tiny-cnn", "digits", digits)
+    assert not os.path.exists(marker)
+
+
+def test_worst_case_is_the_and_of_outcomes():
+    def row(vals):
+        k = Key("c", "d", "test", "attack", "x", "{}", len(vals), 0)
+        return Row(k, "d", float(np.mean(vals)), None, np.array(vals, dtype=np.float32), 0, {}, "cpu", "")
+    assert worst_case([row([1, 1, 0, 1]), row([1, 0, 1, 1]), row([1, 1, 1, 1, 0, 0])]) == (0.5, 4)
+
+
+def test_wilson_interval():
+    lo, hi = wilson(50, 100)
+    assert lo == pytest.approx(0.4038, abs=1e-3) and hi == pytest.approx(0.5962, abs=1e-3)
+    assert wilson(0, 10)[0] == pytest.approx(0.0) and wilson(10, 10)[1] == pytest.approx(1.0)
+
+
+def _writer(path, start, count):
+    store = Store(path)
+    for i in range(start, start + count):
+        k = Key(f"ck{i}", "digits", "test", "attack", "pgd", "{}", 3, 0)
+        store.put_partial(k, 0, np.ones(3, np.float32), 0.1)
+        store.put(Row(k, "x", 1.0, (0.5, 1.0), np.ones(3, np.float32), 0.1, {}, "cpu", ""))
+    store.close()
+
+
+def test_store_survives_concurrent_writers(tmp_path):
+    path = tmp_path / "results.sqlite"
+    Store(path).close()
+    ctx = mp.get_context("spawn")
+    procs = [ctx.Process(target=_writer, args=(path, i * 100, 60)) for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    with Store(path) as store:
+        assert len(store.rows()) == 180
+        assert store.integrity_ok()
+        assert store.db.execute("SELECT COUNT(*) FROM partial").fetchone()[0] == 0
+
+
+def test_non_sqlite_database_is_refused(tmp_path):
+    (tmp_path / "results.sqlite").write_text("hello, not a database at all")
+    with pytest.raises(UserError, match="not SQLite"):
+        Store.in_workdir(tmp_path)
