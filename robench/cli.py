@@ -6,6 +6,7 @@ code 2, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from pathlib import Path
 
@@ -40,6 +41,18 @@ def device_options(f):
     f = click.option("--amp/--no-amp", default=True, show_default=True,
                      help="bf16 autocast on CUDA (ignored on CPU).")(f)
     return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(f)
+
+
+@contextlib.contextmanager
+def distributed(device: str):
+    """Join torchrun's process group when launched by it; yields (Dist, this rank's device)."""
+    from robench.distributed import device_for, from_env, shutdown
+
+    d = from_env()
+    try:
+        yield d, device_for(device, d)
+    finally:
+        shutdown()
 
 
 def resolve_workdir(workdir: Path | None) -> Path:
@@ -92,12 +105,14 @@ def train(defense, dataset, data_dir, arch, steps, batch_size, lr, eps, step_siz
 
     cfg = TrainConfig(defense, dataset, arch, steps, batch_size, lr, eps, step_size, attack_steps, lam, eta,
                       rbs_k, rbs_mode, attack_mode, flip, seed, n_train)
-    result = run_training(cfg, resolve_workdir(workdir), Runtime.create(device, amp, compile_), name=name,
-                          resume=resume, data_dir=data_dir, checkpoint_every=checkpoint_every,
-                          log_every=log_every, progress=progress)
-    meta = result.meta
-    click.echo(f"trained {meta['defense']} on {meta['dataset']} for {meta['step']} steps "
-               f"({meta['train_seconds']:.1f} s): {result.run_dir}")
+    with distributed(device) as (d, device):
+        result = run_training(cfg, resolve_workdir(workdir), Runtime.create(device, amp, compile_), name=name,
+                              resume=resume, data_dir=data_dir, checkpoint_every=checkpoint_every,
+                              log_every=log_every, progress=progress, dist=d)
+    if d.main:
+        meta = result.meta
+        click.echo(f"trained {meta['defense']} on {meta['dataset']} for {meta['step']} steps "
+                   f"({meta['train_seconds']:.1f} s): {result.run_dir}")
 
 
 @cli.command(name="list")
@@ -200,10 +215,89 @@ def eval_(defenses, checkpoint_path, arch, dataset, data_dir, attacks, n, eps, o
         overrides.setdefault("nattack", {})["faithful"] = True
     if nattack_chunk is not None:
         overrides.setdefault("nattack", {})["chunk"] = nattack_chunk
-    eps_list = [float(e) for e in split_names(eps, "--eps")] if eps else [None]
-    report = run_eval(
-        defenses=split_names(defenses, "--defense") if defenses else [], checkpoint_path=checkpoint_path,
-        arch=arch, dataset=dataset, data_dir=data_dir, attacks=split_names(attacks, "--attacks"), n=n,
-        eps_list=eps_list, overrides=overrides, batch_size=batch_size, seed=seed,
-        workdir=resolve_workdir(workdir), runtime=Runtime.create(device, amp, compile_), progress=progress)
-    click.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.table())
+    try:
+        eps_list = [float(e) for e in split_names(eps, "--eps")] if eps else [None]
+    except ValueError:
+        raise UserError(f"--eps {eps!r}: expected numbers, e.g. 0.03 or 0.01,0.03") from None
+    with distributed(device) as (d, device):
+        report = run_eval(
+            defenses=split_names(defenses, "--defense") if defenses else [], checkpoint_path=checkpoint_path,
+            arch=arch, dataset=dataset, data_dir=data_dir, attacks=split_names(attacks, "--attacks"), n=n,
+            eps_list=eps_list, overrides=overrides, batch_size=batch_size, seed=seed,
+            workdir=resolve_workdir(workdir), runtime=Runtime.create(device, amp, compile_), progress=progress,
+            dist=d)
+    if d.main:
+        click.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.table())
+
+
+@cli.command()
+@click.option("--defense", "defenses", required=True, help="Trained defense(s), comma-separated.")
+@click.option("--dataset", default=None, help="[default: the dataset each defense was trained on]")
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--n", type=int, default=None, help="First N test images [default: all].")
+@click.option("--sweep/--no-sweep", default=True, show_default=True,
+              help="Also sweep brightness and gamma over a range, for the report's curves.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@workdir_option
+@device_options
+def sensitivity(defenses, dataset, data_dir, n, sweep, batch_size, progress, workdir, device, amp, compile_):
+    """Loss sensitivity under brightness and gamma shifts (paper section 4.3, Table 2)."""
+    from robench.analyze import run_sensitivity
+    from robench.runtime import Runtime
+    from robench.sensitivity import PAPER_POINTS
+
+    rows = run_sensitivity(split_names(defenses, "--defense"), resolve_workdir(workdir),
+                           Runtime.create(device, amp, compile_), dataset, data_dir, n, sweep, batch_size, progress)
+    click.echo("loss sensitivity l = mean ||grad_x CE||_2 (paper Table 2 points)")
+    for row in rows:
+        value = __import__("json").loads(row.key.params)["value"]
+        if value in PAPER_POINTS[row.key.name]:
+            click.echo(f"  {row.defense:10s} {row.key.dataset:8s} {row.key.name:10s} {value:+.2f}  {row.value:.4f}")
+
+
+@cli.command()
+@click.option("--defense", "defenses", required=True, help="Trained defenses, comma-separated.")
+@click.option("--dataset", default=None)
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None)
+@click.option("--n-images", type=int, default=6, show_default=True)
+@click.option("--samples", type=int, default=50, show_default=True, help="SmoothGrad noise samples.")
+@click.option("--stdev", type=float, default=0.15, show_default=True, help="SmoothGrad noise (pixel units).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@workdir_option
+@device_options
+def salience(defenses, dataset, data_dir, n_images, samples, stdev, seed, workdir, device, amp, compile_):
+    """SmoothGrad salience maps of the same images for each defense (paper Figure 3)."""
+    from robench.analyze import run_salience
+    from robench.runtime import Runtime
+
+    if samples <= 0 or stdev < 0:
+        raise UserError("--samples must be positive and --stdev non-negative")
+    png = run_salience(split_names(defenses, "--defense"), resolve_workdir(workdir),
+                       Runtime.create(device, amp, compile_), dataset, data_dir, n_images, samples, stdev, seed)
+    click.echo(f"wrote {png}")
+
+
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports"), show_default=True)
+@workdir_option
+def report(out, workdir):
+    """Write report.md and figures from the results database and the workdir (re-runs nothing)."""
+    from robench.report import write_report
+
+    click.echo(f"wrote {write_report(resolve_workdir(workdir), out)}")
+
+
+@cli.command()
+@click.option("--out", type=click.Path(path_type=Path), default=Path("reports"), show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@workdir_option
+@device_options
+def demo(out, progress, workdir, device, amp, compile_):
+    """The whole pipeline on the embedded digits dataset: train all defenses, attack them, analyse
+    them, write the report. Resumes where it stopped when run again."""
+    from robench.demo import run_demo
+    from robench.runtime import Runtime
+
+    path = run_demo(resolve_workdir(workdir), out, Runtime.create(device, amp, compile_), progress)
+    click.echo(f"wrote {path}")

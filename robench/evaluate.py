@@ -26,6 +26,7 @@ from robench import checkpoint
 from robench.attack import Attack, check_adversarial
 from robench.config import DATASET_DEFAULTS
 from robench.data import Splits
+from robench.distributed import Dist
 from robench.errors import UserError
 from robench.models import build_model
 from robench.registry import ATTACKS, DATASETS, DEFENSES
@@ -76,6 +77,18 @@ def target_from_file(path: Path, arch: str, dataset: str, splits: Splits) -> Tar
     return Target(path.stem, model, checkpoint.sha256(path), dataset, meta)
 
 
+def trained_runs(defenses: list[str], workdir: Path, dataset: str | None = None) -> list[tuple[str, Path]]:
+    """(dataset, run dir) of the newest finished run of each defense; UserErrors name the fix."""
+    from robench.workdir import find_run
+
+    out = []
+    for defense in defenses:
+        DEFENSES.get(defense)
+        run_dir, meta = find_run(workdir, defense, dataset)
+        out.append((meta["dataset"], run_dir))
+    return out
+
+
 def make_attack(name: str, dataset: str, eps: float | None = None, overrides: dict[str, Any] | None = None,
                 autocast=None) -> Attack:
     """The named attack with the dataset's paper defaults. A user ``eps`` keeps the dataset's
@@ -107,13 +120,12 @@ def evaluate(
     batch_size: int = 256,
     seed: int = 0,
     progress: bool = True,
-    rank: int = 0,
-    world: int = 1,
+    dist: Dist = Dist(),
 ) -> Row | None:
     """Evaluate one target under one attack (``None``: clean) on the first ``n`` test images.
 
-    Returns the stored row (cached rows are returned as they are). With ``world > 1`` each rank
-    takes every ``world``-th batch; rank 0 gathers the outcomes and returns the row, the other
+    Returns the stored row (cached rows are returned as they are). Under torchrun each rank takes
+    every ``world``-th batch; rank 0 gathers the outcomes, stores and returns the row, the other
     ranks return None.
     """
     if n > len(splits.x_test):
@@ -122,14 +134,17 @@ def evaluate(
         raise UserError("--n and --batch-size must be positive")
     params = attack.params() if attack is not None else {}
     key = Key(target.sha256, target.dataset, "test", "attack", attack_name, canonical(params), n, seed)
+    dist.barrier()  # all ranks see the same stored state before rank 0 may write the row
     cached = store.get(key)
     if cached is not None:
-        return cached if rank == 0 else None
-    done = store.partial(key)
+        return cached if dist.main else None
+    finished = store.partial(key)
     model = runtime.prepare(target.model).eval()
-    mine = [(b, sl) for b, sl in iter_batches(n, batch_size) if b % world == rank and b not in done]
-    bar = tqdm(mine, desc=f"{target.label}: {attack_name}", unit="batch", disable=not progress or not mine,
-               leave=False, dynamic_ncols=True)
+    mine = {b: sl for b, sl in iter_batches(n, batch_size) if b % dist.world == dist.rank}
+    results = {b: finished[b] for b in mine if b in finished}
+    todo = [(b, sl) for b, sl in mine.items() if b not in finished]
+    bar = tqdm(todo, desc=f"{target.label}: {attack_name}", unit="batch", leave=False, dynamic_ncols=True,
+               disable=not progress or not todo or not dist.main)
     for b, sl in bar:
         t0 = time.perf_counter()
         x, y = runtime.batch(splits.x_test[sl]), splits.y_test[sl].to(runtime.device)
@@ -144,13 +159,13 @@ def evaluate(
                 raise UserError(f"attack {attack_name!r} returned invalid examples, nothing stored: {e}") from None
         with torch.no_grad(), runtime.autocast():
             correct = (model(x_adv).argmax(1) == y).float().cpu().numpy()
-        store.put_partial(key, b, correct, time.perf_counter() - t0)
+        results[b] = (correct, time.perf_counter() - t0)
+        store.put_partial(key, b, *results[b])
     bar.close()
-    if world > 1:
-        torch.distributed.barrier()
-        if rank != 0:
-            return None
-    done = store.partial(key)
+    gathered = dist.gather(results)
+    if not dist.main:
+        return None
+    done = {b: r for part in gathered for b, r in part.items()}
     outcomes = np.concatenate([done[b][0] for b, _ in iter_batches(n, batch_size)])
     acc = float(outcomes.mean())
     row = Row(key, target.label, acc, wilson(outcomes.sum(), n), outcomes,
@@ -242,12 +257,10 @@ def run_eval(
     batch_size: int = 256,
     seed: int = 0,
     progress: bool = True,
-    rank: int = 0,
-    world: int = 1,
+    dist: Dist = Dist(),
 ) -> EvalReport:
     """Evaluate each defense (or a model file) under each attack at each eps and store it all."""
     from robench.data import load_dataset
-    from robench.workdir import find_run
 
     overrides = overrides or {}
     for name in [*attacks, *overrides]:
@@ -268,10 +281,7 @@ def run_eval(
         if dataset is None:
             raise UserError("--checkpoint needs --dataset (the data the model was trained on)")
         sources.append((dataset, None))
-    for defense in defenses:
-        DEFENSES.get(defense)
-        run_dir, meta = find_run(workdir, defense, dataset)
-        sources.append((meta["dataset"], run_dir))
+    sources += trained_runs(defenses, workdir, dataset)
     for ds, _ in sources:
         for eps in eps_list:
             for a in attacks:
@@ -295,7 +305,7 @@ def run_eval(
             target = dataclasses.replace(target, model=model)
             n_clean = n or len(splits.x_test)
             common = dict(store=store, runtime=runtime, batch_size=batch_size, seed=seed, progress=progress,
-                          rank=rank, world=world)
+                          dist=dist)
             row = evaluate(target, splits, CLEAN, None, n_clean, **common)
             if row is not None:
                 entries.append(Entry(target.label, ds, None, CLEAN, row))

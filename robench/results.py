@@ -151,7 +151,8 @@ class Store:
                 " value, ci_low, ci_high, outcomes, wall_s, versions, device, created)"
                 " VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
                 (k.checkpoint, row.defense, k.dataset, k.split, k.kind, k.name, k.params, k.n, k.seed,
-                 row.value, None if row.ci is None else row.ci[0], None if row.ci is None else row.ci[1],
+                 float(row.value), None if row.ci is None else float(row.ci[0]),
+                 None if row.ci is None else float(row.ci[1]),
                  row.outcomes.astype(np.float32).tobytes(), row.wall_s, json.dumps(row.versions),
                  row.device, row.created))
             self.db.execute("DELETE FROM partial WHERE key=?", (k.token(),))

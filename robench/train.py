@@ -30,7 +30,9 @@ from robench.rbs import MODES as RBS_MODES
 from robench.registry import DEFENSES
 from robench.runtime import Runtime
 from robench.workdir import runs_dir
+from torch.nn.parallel import DistributedDataParallel
 from robench.defense import ATTACK_MODES
+from robench.distributed import Dist
 
 LOG = "train_log.csv"
 LOG_FIELDS = ("step", "loss", "train_acc", "elapsed_s")
@@ -153,12 +155,19 @@ def train(
     log_every: int = 50,
     progress: bool = True,
     splits: Splits | None = None,
+    dist: Dist = Dist(),
 ) -> TrainResult:
-    """Train ``cfg.defense`` and save checkpoints into ``workdir/runs/<name>``."""
+    """Train ``cfg.defense`` and save checkpoints into ``workdir/runs/<name>``.
+
+    Under torchrun (``dist.world > 1``) every rank takes its share of each global batch and DDP
+    averages the gradients; only rank 0 writes.
+    """
     runtime = runtime or Runtime.create("cpu")
     cfg = cfg.resolved()
     if checkpoint_every <= 0 or log_every <= 0:
         raise UserError("--checkpoint-every and --log-every must be positive")
+    if cfg.batch_size % dist.world:
+        raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world} processes")
     run_dir = runs_dir(workdir) / (name or cfg.default_name())
     start = 0
     existing = (run_dir / checkpoint.META).exists()
@@ -184,7 +193,12 @@ def train(
     optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
     if resume and existing:
         start = int(checkpoint.load(run_dir, model, optimizer)["step"])
-    forward = runtime.maybe_compile(model)
+    dist.barrier()  # every rank has read the run's state before rank 0 writes to it
+    # The attack runs on the bare module (input gradients only); the loss goes through DDP, which
+    # averages parameter gradients across ranks.
+    attack_forward = runtime.maybe_compile(model)
+    forward = DistributedDataParallel(model) if dist.active else model
+    forward = runtime.maybe_compile(forward) if dist.active else attack_forward
     defense = DEFENSES.get(cfg.defense)(
         cfg.eps, cfg.step_size, cfg.attack_steps, lam=cfg.lam, eta=cfg.eta, rbs_k=cfg.rbs_k,
         rbs_mode=cfg.rbs_mode, attack_mode=cfg.attack_mode, autocast=runtime.autocast)
@@ -200,13 +214,16 @@ def train(
     elapsed0 = float(rows[-1]["elapsed_s"]) if rows else 0.0
     t0 = time.perf_counter()
 
-    def save(step: int) -> dict:
+    def save(step: int) -> dict | None:
+        if not dist.main:
+            return None
         _write_log(log_path, rows)
         return checkpoint.save(run_dir, model, optimizer, {
             **base_meta, "step": step, "finished": step >= cfg.steps,
             "train_seconds": elapsed0 + time.perf_counter() - t0})
 
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if dist.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     if not existing:
         save(0)
     # On a GPU, checking the loss every step would synchronise; check at log points instead.
@@ -217,17 +234,17 @@ def train(
     finite = torch.ones((), dtype=torch.bool, device=runtime.device)
     last_good = start
     bar = tqdm(total=cfg.steps, initial=start, desc=f"train {cfg.defense}", unit="step",
-               disable=not progress, dynamic_ncols=True)
+               disable=not progress or not dist.main, dynamic_ncols=True)
     model.train()
     step = start
     try:
         for step in range(start, cfg.steps):
-            torch.manual_seed(step_seed(cfg.seed, step))
-            idx = order.indices(step).to(runtime.device)
+            torch.manual_seed(step_seed(cfg.seed, step, dist.rank))
+            idx = order.indices(step)[dist.rank::dist.world].to(runtime.device)
             x, y = x_train[idx], y_train[idx]
             if cfg.flip:
                 x = random_flip(x)
-            x_adv = defense.adversarial(forward, x, y)
+            x_adv = defense.adversarial(attack_forward, x, y)
             with runtime.autocast():
                 loss, logits = defense.loss(forward, x, x_adv, y)
             optimizer.zero_grad(set_to_none=True)
@@ -239,10 +256,11 @@ def train(
             correct += (logits.detach().argmax(1) == y).sum()
             seen += len(y)
             done = step + 1
-            if done % check_every == 0 and not bool(finite):
+            if done % check_every == 0 and not _all(finite, dist):
                 raise UserError(f"loss became NaN/inf by step {done}; stopped. The last good checkpoint "
                                 f"(step {last_good}) is kept in {run_dir}; lower --lr or check the data")
             if done % log_every == 0 or done == cfg.steps:
+                dist.all_reduce_mean(loss_sum), dist.all_reduce_mean(correct)
                 n_steps = done - (int(rows[-1]["step"]) if rows else start)
                 row = {"step": done, "loss": f"{loss_sum.item() / max(n_steps, 1):.6f}",
                        "train_acc": f"{correct.item() / max(seen, 1):.4f}",
@@ -252,7 +270,7 @@ def train(
                 loss_sum.zero_(), correct.zero_()
                 seen = 0
             if done % checkpoint_every == 0 or done == cfg.steps:
-                if not bool(finite):
+                if not _all(finite, dist):
                     raise UserError(f"loss became NaN/inf by step {done}; stopped. The last good "
                                     f"checkpoint (step {last_good}) is kept in {run_dir}")
                 save(done)
@@ -263,8 +281,17 @@ def train(
         raise UserError(f"interrupted; the last checkpoint (step {last_good}) is in {run_dir}; "
                         f"continue with --resume") from None
     bar.close()
+    dist.barrier()
     meta = checkpoint.read_meta(run_dir)
     return TrainResult(run_dir, meta)
+
+
+def _all(flag: torch.Tensor, dist: Dist) -> bool:
+    """True when the flag holds on every rank, so all ranks stop together."""
+    if dist.active:
+        flag = flag.to(torch.int32)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
+    return bool(flag)
 
 
 def build_from_meta(meta: dict) -> nn.Module:
