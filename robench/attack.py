@@ -15,6 +15,9 @@ from torch import nn
 from robench.config import DatasetDefaults
 from robench.errors import UserError
 
+# The dataset defaults an attack inherits; nothing else (e.g. the training lr) leaks in.
+THREAT_FIELDS = ("eps", "step_size", "attack_steps")
+
 # Slack for float rounding when checking the eps-ball (issue: tolerance 1e-6).
 BALL_TOL = 1e-6
 
@@ -31,9 +34,10 @@ class Attack:
 
     @classmethod
     def for_dataset(cls, defaults: DatasetDefaults, **overrides: Any) -> "Attack":
-        """The attack with the dataset's paper defaults, then the user's overrides."""
+        """The attack with the dataset's threat model (eps, and PGD's step and steps; App. A:
+        evaluation uses the training attack's parameters), then the user's overrides."""
         known = {f.name for f in dataclasses.fields(cls)}
-        base = {k: v for k, v in dataclasses.asdict(defaults).items() if k in known}
+        base = {k: getattr(defaults, k) for k in THREAT_FIELDS if k in known}
         unknown = set(overrides) - known
         if unknown:
             raise UserError(f"attack {cls.__name__} has no parameter(s) {', '.join(sorted(unknown))}")

@@ -28,6 +28,10 @@ class Group(click.Group):
         except click.ClickException as e:
             click.echo(f"error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
+        except OSError as e:  # an unwritable workdir, a full disk, a path through a regular file
+            where = f" {e.filename}" if e.filename else ""
+            click.echo(f"error: cannot use{where}: {e.strerror or e}; check the path and its permissions", err=True)
+            sys.exit(2)
         sys.exit(0)
 
 
@@ -58,7 +62,10 @@ def distributed(device: str):
 def resolve_workdir(workdir: Path | None) -> Path:
     from robench.workdir import default_workdir
 
-    return workdir if workdir is not None else default_workdir()
+    workdir = workdir if workdir is not None else default_workdir()
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"workdir {workdir} is a file, not a directory; pass another --workdir")
+    return workdir
 
 
 @click.group(cls=Group, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -283,9 +290,19 @@ def salience(defenses, dataset, data_dir, n_images, samples, stdev, seed, workdi
 @workdir_option
 def report(out, workdir):
     """Write report.md and figures from the results database and the workdir (re-runs nothing)."""
+    from robench.data import load_dataset
     from robench.report import write_report
+    from robench.workdir import list_runs
 
-    click.echo(f"wrote {write_report(resolve_workdir(workdir), out)}")
+    workdir = resolve_workdir(workdir)
+    image = None  # the RBS figure shows the first test image of the newest run's dataset
+    runs = list_runs(workdir)
+    if runs:
+        try:
+            image = load_dataset(runs[0][1]["dataset"], download=False).x_test[0]
+        except UserError:
+            pass
+    click.echo(f"wrote {write_report(workdir, out, rbs_image=image)}")
 
 
 @cli.command()

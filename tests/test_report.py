@@ -1,0 +1,196 @@
+"""The report: built from a synthetic workdir (fake runs + rows put straight into the store)."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from robench import checkpoint, paper
+from robench.evaluate import worst_case
+from robench.plots import apply_plan
+from robench.rbs import rbs, rbs_plan
+from robench.report import md_table, write_report
+from robench.results import Key, Row, Store, canonical, wilson
+from robench.sensitivity import SWEEPS
+
+N = 200
+
+
+def make_run(workdir, defense, dataset, name=None, finished=True, seed=0, saved_at=None):
+    """A checkpoint shaped like the training loop's (robench/train.py base_meta + save)."""
+    torch.manual_seed(seed)
+    model = nn.Linear(4, 3)
+    run_dir = workdir / "runs" / (name or f"{defense}-{dataset}-s{seed}")
+    config = dict(defense=defense, dataset=dataset, arch="tiny-cnn", steps=30, batch_size=32, lr=1e-3,
+                  eps=0.03, step_size=0.0075, attack_steps=10, lam=6.0, eta=0.5, rbs_k=2, rbs_mode="batch",
+                  attack_mode="eval", flip=True, seed=seed, n_train=None)
+    meta = checkpoint.save(run_dir, model, None, {
+        "defense": defense, "dataset": dataset, "arch": "tiny-cnn", "in_channels": 3, "image_size": [32, 32],
+        "num_classes": 10, "classes": [str(i) for i in range(10)], "config": config, "objective": {},
+        "runtime": {"device": "cpu", "amp": False, "compile": False},
+        "step": 30 if finished else 10, "finished": finished, "train_seconds": 12.5})
+    if saved_at is not None:  # make an "older" run (saved_at has one-second resolution)
+        meta["saved_at"] = saved_at
+        (run_dir / checkpoint.META).write_text(json.dumps(meta))
+    log = "step,loss,train_acc,elapsed_s\n" + "".join(f"{s},{2.3 - s / 20:.4f},{s / 40:.4f},{s:.2f}\n"
+                                                      for s in (10, 20, 30))
+    (run_dir / "train_log.csv").write_text(log)
+    return meta["files"]["weights"]["sha256"]
+
+
+def put(store, sha, defense, dataset, name, outcomes, eps=0.03, **extra):
+    outcomes = np.asarray(outcomes, dtype=np.float32)
+    params = {} if name == "clean" else {"eps": eps, **extra}
+    key = Key(sha, dataset, "test", "attack", name, canonical(params), len(outcomes), 0)
+    row = Row(key, defense, float(outcomes.mean()), wilson(outcomes.sum(), len(outcomes)), outcomes, 1.5,
+              {"robench": "0.1.0"}, "cpu", "2024-01-01T00:00:00")
+    store.put(row)
+    return row
+
+
+def put_sens(store, sha, defense, dataset, transform, value, level):
+    norms = np.full(50, level, dtype=np.float32)
+    key = Key(sha, dataset, "test", "sensitivity", transform, canonical({"value": value}), 50, 0)
+    store.put(Row(key, defense, float(level), None, norms, 0.5, {}, "cpu", "2024-01-01T00:00:00"))
+
+
+def cell(row):
+    return f"{100 * row.value:.1f} [{100 * row.ci[0]:.1f}–{100 * row.ci[1]:.1f}]"
+
+
+def bits(rng, p, n=N):
+    return (rng.random(n) < p).astype(np.float32)
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    wd = tmp_path / "wd"
+    rng = np.random.default_rng(0)
+    old = make_run(wd, "pgdat", "cifar10", name="pgdat-old", saved_at="2000-01-01T00:00:00+0000")
+    pgdat = make_run(wd, "pgdat", "cifar10", seed=1)
+    rlfat = make_run(wd, "rlfat-p", "cifar10", seed=2)
+    rows = {}
+    with Store.in_workdir(wd) as store:
+        put(store, old, "pgdat", "cifar10", "clean", bits(rng, 0.1))  # must be ignored
+        rows["clean"] = put(store, pgdat, "pgdat", "cifar10", "clean", bits(rng, 0.9))
+        rows["pgd"] = put(store, pgdat, "pgdat", "cifar10", "pgd", bits(rng, 0.6))
+        put(store, pgdat, "pgdat", "cifar10", "pgd", bits(rng, 0.1, n=20))  # smaller n: not chosen
+        rows["cw"] = put(store, pgdat, "pgdat", "cifar10", "cw", bits(rng, 0.55))
+        # Black-box far below white-box on the common examples: a masking warning.
+        rows["nattack"] = put(store, pgdat, "pgdat", "cifar10", "nattack", np.zeros(100))
+        put(store, pgdat, "pgdat", "cifar10", "pgd", bits(rng, 0.3), eps=0.1)
+        put(store, pgdat, "pgdat", "cifar10", "pgd", bits(rng, 0.4), eps=0.5)  # should be ~0: warning
+        rows["rlfat-clean"] = put(store, rlfat, "rlfat-p", "cifar10", "clean", bits(rng, 0.8))
+        rows["rlfat-pgd"] = put(store, rlfat, "rlfat-p", "cifar10", "pgd", bits(rng, 0.5))
+        for i, v in enumerate(SWEEPS["brightness"]):
+            put_sens(store, pgdat, "pgdat", "cifar10", "brightness", v, 1.0 + 0.1 * i)
+        for v, level in ((0.8, 0.4321), (1.2, 0.6543)):
+            put_sens(store, pgdat, "pgdat", "cifar10", "gamma", v, level)
+    (wd / "salience").mkdir()
+    Image.new("RGB", (8, 8)).save(wd / "salience" / "cifar10.png")
+    return wd, rows
+
+
+def test_report_tables_paper_worst_case_missing_and_warnings(workdir, tmp_path):
+    wd, rows = workdir
+    out = tmp_path / "out"
+    image = torch.rand(3, 16, 16)
+    path = write_report(wd, out, rbs_image=image)
+    text = path.read_text()
+    assert path == out / "report.md"
+
+    # Table 1: our numbers with Wilson intervals; the larger-n PGD row is the one shown.
+    for name in ("clean", "pgd", "cw", "nattack", "rlfat-clean", "rlfat-pgd"):
+        assert cell(rows[name]) in text, name
+    # Worst case = AND of clean, PGD, CW, N-attack on the common first 100 examples.
+    m = 100
+    alive = np.logical_and.reduce([rows[a].outcomes[:m] > 0.5 for a in ("clean", "pgd", "cw", "nattack")])
+    wc, n = worst_case([rows[a] for a in ("clean", "pgd", "cw", "nattack")])
+    assert (wc, n) == (alive.mean(), m)
+    lo, hi = wilson(alive.sum(), m)
+    assert f"{100 * wc:.1f} [{100 * lo:.1f}–{100 * hi:.1f}] (n={m})" in text
+    # The paper's CIFAR-10 numbers sit beside ours.
+    assert f"/ {paper.TABLE1['cifar10']['pgdat']['pgd']:.2f}" in text
+    assert f"/ {paper.TABLE1['cifar10']['rlfat-t']['nattack']:.2f}" in text
+
+    # Table 2: our sensitivity values and the paper's.
+    assert "0.432 (paper 1.27)" in text and "0.654 (paper 1.20)" in text
+
+    # Missing pieces, each with its command.
+    assert "no N-attack results for rlfat-p on cifar10" in text
+    assert "`robench eval --defense rlfat-p --dataset cifar10 --attacks nattack`" in text
+    assert "`robench eval --defense rlfat-p --dataset cifar10 --attacks cw`" in text
+    assert "`robench train trades --dataset cifar10`" in text
+    assert "`robench sensitivity --defense rlfat-p --dataset cifar10`" in text
+    assert "`robench eval --defense rlfat-p --dataset cifar10 --attacks pgd --eps 0.5`" in text
+
+    # Gradient-masking flags for pgdat: black box below white box, and accuracy at eps 0.5.
+    masking = text.split("## Gradient-masking checks")[1].split("## Missing pieces")[0]
+    pgdat_part = masking.split("**rlfat-p**")[0]
+    assert "**warning** (a)" in pgdat_part and "**warning** (c)" in pgdat_part
+    assert "**warning**" not in masking.split("**rlfat-p**")[1]
+
+    # Provenance: the older pgdat run's result is listed as ignored, not reported.
+    assert "Results ignored" in text and "pgdat-old" in text
+
+    # Figures: valid PNGs, referenced from the report.
+    for name in ("ablation.png", "eps_curve.png", "sensitivity.png", "training.png", "rbs.png",
+                 "salience-cifar10.png"):
+        assert f"]({name})" in text, name
+        with Image.open(out / name) as im:
+            im.verify()
+            assert im.format == "PNG"
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_report_of_empty_workdir_lists_what_is_missing(tmp_path):
+    path = write_report(tmp_path / "nothing", tmp_path / "out")
+    text = path.read_text()
+    assert "No finished trained runs" in text
+    assert "`robench train rlfat-t --dataset digits`" in text
+    assert not (tmp_path / "nothing" / "results.sqlite").exists()  # the report writes nothing there
+    assert not list((tmp_path / "out").glob("*.png"))
+
+
+def test_report_with_runs_but_no_results(tmp_path):
+    wd = tmp_path / "wd"
+    make_run(wd, "standard", "digits")
+    make_run(wd, "rlfat-t", "digits", name="partial", finished=False)
+    text = write_report(wd, tmp_path / "out").read_text()
+    assert "no clean accuracy for standard on digits" in text
+    assert "`robench train rlfat-t --dataset digits --name partial --resume`" in text
+    assert "`robench salience --defense standard --dataset digits`" in text
+    assert "no results database" in text
+
+
+@pytest.mark.parametrize("shape,k,seed", [((3, 16, 12), 2, 0), ((1, 8, 8), 3, 5), ((3, 9, 7), 2, 11)])
+def test_rbs_plan_describes_the_shuffle_the_figure_shows(shape, k, seed):
+    image = torch.rand(*shape)
+    plan = rbs_plan(shape[1], shape[2], k, generator=torch.Generator().manual_seed(seed))
+    shuffled = rbs(image[None], k, generator=torch.Generator().manual_seed(seed))[0]
+    assert torch.equal(apply_plan(image, plan), shuffled)
+
+
+def test_md_table_escapes_pipes():
+    lines = md_table(["a", "b"], [["x|y", "1"]])
+    assert lines[:3] == ["| a | b |", "|---|---|", "| x\\|y | 1 |"]
+
+
+def test_report_of_a_real_trained_and_evaluated_workdir(trained_workdir, tmp_path):
+    """The real training loop's checkpoint records and the evaluator's rows go through."""
+    from robench.evaluate import run_eval
+    from robench.runtime import Runtime
+
+    # The same call as test_eval's, so in a full run it is a cache hit.
+    report = run_eval(["standard", "pgdat"], ["pgd", "cw"], trained_workdir, Runtime.create("cpu"), n=64,
+                      progress=False)
+    text = write_report(trained_workdir, tmp_path / "out").read_text()
+    for entry in report.entries:
+        assert cell(entry.row) in text
+    assert "### digits (8x8, scikit-learn), ε = 0.1" in text
+    assert "`robench eval --defense pgdat --dataset digits --attacks nattack`" in text
+    with Image.open(tmp_path / "out" / "training.png") as im:
+        im.verify()
