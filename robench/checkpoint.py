@@ -30,6 +30,7 @@ from robench.errors import UserError
 
 FORMAT = "robench-checkpoint/1"
 META = "checkpoint.json"
+REQUIRED = ("defense", "dataset", "arch", "in_channels", "num_classes", "step", "config", "files")
 
 
 def sha256(path: Path) -> str:
@@ -72,6 +73,13 @@ def save(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | Non
     return meta
 
 
+def remove_stale_tmp(run_dir: Path) -> None:
+    """Delete the temporary files a writer killed mid-write left in ``run_dir`` (atomic writes name
+    them ``.<target>.<random>.tmp``). Call it only while no other process writes this run."""
+    for tmp in run_dir.glob(".*.tmp"):
+        tmp.unlink(missing_ok=True)
+
+
 def read_meta(run_dir: Path) -> dict[str, Any]:
     path = run_dir / META if run_dir.is_dir() else run_dir
     if not path.exists():
@@ -82,13 +90,22 @@ def read_meta(run_dir: Path) -> dict[str, Any]:
         raise UserError(f"{path} is not a robench checkpoint record (invalid JSON)") from None
     if not isinstance(meta, dict) or meta.get("format") != FORMAT:
         raise UserError(f"{path} is not a robench checkpoint record (format is not {FORMAT})")
+    missing = [k for k in REQUIRED if k not in meta]
+    weights = meta.get("files", {}).get("weights") if isinstance(meta.get("files"), dict) else None
+    if not isinstance(weights, dict) or not {"name", "sha256"} <= set(weights):
+        missing.append("files.weights")
+    if missing:
+        raise UserError(f"{path} is an incomplete robench checkpoint record (missing {', '.join(missing)}); "
+                        f"delete the run or train it again")
     return meta
 
 
 def _verified(run_dir: Path, meta: dict, key: str) -> Path:
     entry = meta.get("files", {}).get(key)
-    if entry is None:
+    if not isinstance(entry, dict) or not isinstance(entry.get("name"), str) or "sha256" not in entry:
         raise UserError(f"checkpoint in {run_dir} records no {key} file")
+    if Path(entry["name"]).name != entry["name"] or entry["name"] in ("", ".", ".."):
+        raise UserError(f"checkpoint in {run_dir} names {key} file {entry['name']!r} outside its run directory")
     path = run_dir / entry["name"]
     if not path.exists():
         raise UserError(f"checkpoint file {path} is missing")

@@ -192,8 +192,8 @@ def split_names(value: str, what: str) -> list[str]:
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None)
 @click.option("--attacks", default="pgd,cw,nattack", show_default=True,
               help="Comma-separated; see `robench list`.")
-@click.option("--n", type=int, default=None,
-              help="First N test images [default: the whole test set; 1500 for nattack, as in the paper].")
+@click.option("--n", "--n-examples", "n", type=int, default=None,
+              help="First N test images (--n-examples under torchrun, whose parser claims --n) [default: the whole test set; 1500 for nattack, as in the paper].")
 @click.option("--eps", default=None,
               help="L-inf radius, or several comma-separated for an accuracy-vs-eps curve "
                    "[default: the dataset's]; the step size keeps the dataset's step/eps ratio.")
@@ -241,7 +241,7 @@ def eval_(defenses, checkpoint_path, arch, dataset, data_dir, attacks, n, eps, o
 @click.option("--defense", "defenses", required=True, help="Trained defense(s), comma-separated.")
 @click.option("--dataset", default=None, help="[default: the dataset each defense was trained on]")
 @click.option("--data-dir", type=click.Path(path_type=Path), default=None)
-@click.option("--n", type=int, default=None, help="First N test images [default: all].")
+@click.option("--n", "--n-examples", "n", type=int, default=None, help="First N test images [default: all].")
 @click.option("--sweep/--no-sweep", default=True, show_default=True,
               help="Also sweep brightness and gamma over a range, for the report's curves.")
 @click.option("--batch-size", type=int, default=256, show_default=True)
@@ -313,8 +313,17 @@ def report(out, workdir):
 def demo(out, progress, workdir, device, amp, compile_):
     """The whole pipeline on the embedded digits dataset: train all defenses, attack them, analyse
     them, write the report. Resumes where it stopped when run again."""
+    import os
+
+    import torch
+
     from robench.demo import run_demo
     from robench.runtime import Runtime
+
+    if "OMP_NUM_THREADS" not in os.environ:
+        # The demo's models are tiny: one thread skips OpenMP's per-kernel fork/join, which
+        # costs more than it saves here (benchmarks/results/pgd_speed.md, part iv).
+        torch.set_num_threads(1)
 
     path = run_demo(resolve_workdir(workdir), out, Runtime.create(device, amp, compile_), progress)
     click.echo(f"wrote {path}")

@@ -99,10 +99,30 @@ def make_attack(name: str, dataset: str, eps: float | None = None, overrides: di
             raise UserError(f"--eps must be in (0, 1], got {eps}")
         defaults = dataclasses.replace(defaults, eps=eps, step_size=defaults.step_size * eps / defaults.eps)
     cls = ATTACKS.get(name)
+    _check_option_types(name, cls.for_dataset(defaults), overrides or {})
     attack = cls.for_dataset(defaults, **(overrides or {}))
     if autocast is not None and hasattr(attack, "autocast"):
         attack.autocast = autocast
     return attack
+
+
+def _check_option_types(name: str, reference: Attack, overrides: dict[str, Any]) -> None:
+    """A numeric or boolean parameter given as another type (``-o pgd.attack_steps=abc``) is a
+    UserError here rather than a TypeError deep inside the attack."""
+    for param, value in overrides.items():
+        default = getattr(reference, param, None)
+        if value is None or default is None:
+            continue
+        if isinstance(default, bool):
+            ok = isinstance(value, bool)
+        elif isinstance(default, (int, float)):
+            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            ok = ok and (isinstance(value, int) or isinstance(default, float))
+        else:
+            continue
+        if not ok:
+            raise UserError(f"-o {name}.{param}={value!r}: expected {type(default).__name__}, "
+                            f"e.g. -o {name}.{param}={default!r}".replace("True", "true").replace("False", "false"))
 
 
 def batch_seed(seed: int, batch: int) -> int:

@@ -35,9 +35,6 @@ class LinfBall:
         # TRADES starts at x + 0.001 N(0, I) (Zhang et al., official code).
         return self.project(x + std * torch.randn_like(x), x)
 
-    def step(self, x_adv: torch.Tensor, grad: torch.Tensor, step_size: float) -> torch.Tensor:
-        return x_adv + step_size * grad.sign()
-
 
 STARTS = {"uniform": LinfBall.uniform_start, "normal": LinfBall.normal_start, "none": lambda ball, x: x.clone()}
 
@@ -60,13 +57,16 @@ def pgd(
     ball = LinfBall(eps)
     x = x.detach()
     x_adv = STARTS[start](ball, x)
+    # The ball and the box intersect in per-pixel bounds; computing them once makes each step
+    # one fused add plus one clamp (identical to project(step(...)), fewer kernels).
+    lo, hi = (x - eps).clamp_(0, 1), (x + eps).clamp_(0, 1)
     for _ in range(steps):
         x_adv.requires_grad_(True)
         with autocast():
             loss = objective(model(x_adv)).sum()
         (grad,) = torch.autograd.grad(loss, [x_adv])
-        x_adv = ball.project(ball.step(x_adv.detach(), grad, step_size), x)
-    return x_adv.detach()
+        x_adv = x_adv.detach().add_(grad.sign_(), alpha=step_size).clamp_(lo, hi)
+    return x_adv
 
 
 def cross_entropy_objective(y: torch.Tensor) -> Objective:

@@ -86,6 +86,8 @@ class TrainConfig:
             (self.rbs_mode in RBS_MODES, f"--rbs-mode must be one of {', '.join(RBS_MODES)}"),
             (self.attack_mode in ATTACK_MODES, f"--attack-mode must be one of {', '.join(ATTACK_MODES)}"),
             (self.n_train is None or self.n_train > 0, f"--n-train must be positive, got {self.n_train}"),
+            (self.lam is None or self.lam >= 0, f"--lam must be non-negative, got {self.lam}"),
+            (self.eta is None or self.eta >= 0, f"--eta must be non-negative, got {self.eta}"),
         ]
         for ok, message in checks:
             if not ok:
@@ -168,6 +170,8 @@ def train(
         raise UserError("--checkpoint-every and --log-every must be positive")
     if cfg.batch_size % dist.world:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world} processes")
+    if name is not None and (Path(name).name != name or name in ("", ".", "..")):
+        raise UserError(f"--name {name!r} must be a plain directory name (no '/', not '..')")
     run_dir = runs_dir(workdir) / (name or cfg.default_name())
     start = 0
     existing = (run_dir / checkpoint.META).exists()
@@ -224,6 +228,7 @@ def train(
 
     if dist.main:
         run_dir.mkdir(parents=True, exist_ok=True)
+        checkpoint.remove_stale_tmp(run_dir)  # left by a writer that was killed (kill -9, power loss)
     if not existing:
         save(0)
     # On a GPU, checking the loss every step would synchronise; check at log points instead.

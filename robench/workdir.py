@@ -31,12 +31,27 @@ def list_runs(workdir: Path) -> list[tuple[Path, dict]]:
     return sorted(found, key=lambda r: r[1].get("saved_at", ""), reverse=True)
 
 
+def unreadable_runs(workdir: Path) -> list[str]:
+    """The error of every run directory whose checkpoint record cannot be read."""
+    broken = []
+    for meta_path in sorted(runs_dir(workdir).glob(f"*/{checkpoint.META}")):
+        try:
+            checkpoint.read_meta(meta_path)
+        except UserError as e:
+            broken.append(str(e))
+    return broken
+
+
 def find_run(workdir: Path, defense: str, dataset: str | None = None) -> tuple[Path, dict]:
     """The newest finished run of ``defense`` (on ``dataset`` if given) in the workdir."""
     runs = [(d, m) for d, m in list_runs(workdir) if m["defense"] == defense and m.get("finished")]
     if dataset is not None:
         runs = [(d, m) for d, m in runs if m["dataset"] == dataset]
     if not runs:
+        broken = unreadable_runs(workdir)
+        if broken:  # say why a run that is there was not used, rather than "train one"
+            raise UserError(f"no readable trained {defense!r} checkpoint in {workdir}; {len(broken)} run(s) "
+                            f"there cannot be read: {broken[0]}")
         on = f" --dataset {dataset}" if dataset else " --dataset DATASET"
         raise UserError(f"no trained {defense!r} checkpoint{' for ' + dataset if dataset else ''} in "
                         f"{workdir}; make one with: robench train {defense}{on} --workdir {workdir}")
