@@ -38,13 +38,14 @@ class _PGDBase(Attack):
         was_training = model.training
         model.eval()
         try:
+            if self.restarts == 1:
+                return pgd(model, x, self.objective(y), self.eps, self.step_size, self.attack_steps,
+                           "uniform", self.autocast)
             best = x.clone()
             todo = torch.ones(len(x), dtype=torch.bool, device=x.device)
             for _ in range(self.restarts):
                 x_adv = pgd(model, x, self.objective(y), self.eps, self.step_size, self.attack_steps,
                             "uniform", self.autocast)
-                if self.restarts == 1:
-                    return x_adv
                 with torch.no_grad(), self.autocast():
                     fooled = model(x_adv).argmax(1) != y
                 best[todo] = x_adv[todo]

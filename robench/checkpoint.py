@@ -16,6 +16,7 @@ import hashlib
 import json
 import platform
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,10 @@ def load(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | Non
     if optimizer is not None:
         optim = _verified(run_dir, meta, "optim")
         try:
-            optimizer.load_state_dict(torch.load(optim, weights_only=True, map_location="cpu"))
+            with warnings.catch_warnings():  # a refused file's warnings would add lines to the error
+                warnings.simplefilter("ignore")
+                state = torch.load(optim, weights_only=True, map_location="cpu")
+            optimizer.load_state_dict(state)
         except Exception as e:  # any unpickling failure: refuse, never execute
             raise UserError(f"cannot load optimiser state {optim}: {type(e).__name__}") from None
     return meta

@@ -1,12 +1,13 @@
 """The ``robench`` command line.
 
-A user's mistake (``UserError`` or a bad option) is one ``error: ...`` line on stderr and exit
-code 2, never a traceback.
+A user's mistake (``UserError``, a bad option, a workdir or results database that cannot be
+written) is one ``error: ...`` line on stderr and exit code 2, never a traceback.
 """
 
 from __future__ import annotations
 
 import contextlib
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -28,6 +29,12 @@ class Group(click.Group):
         except click.ClickException as e:
             click.echo(f"error: {e.format_message()}", err=True)
             sys.exit(e.exit_code)
+        except sqlite3.DatabaseError as e:  # a read-only, locked or damaged results database
+            if isinstance(e, (sqlite3.IntegrityError, sqlite3.ProgrammingError)):
+                raise  # a bug, not the user's file
+            click.echo(f"error: results database: {e}; check that the workdir and its results.sqlite are "
+                       f"writable and intact", err=True)
+            sys.exit(2)
         except OSError as e:  # an unwritable workdir, a full disk, a path through a regular file
             where = f" {e.filename}" if e.filename else ""
             click.echo(f"error: cannot use{where}: {e.strerror or e}; check the path and its permissions", err=True)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +65,9 @@ def target_from_file(path: Path, arch: str, dataset: str, splits: Splits) -> Tar
         state = checkpoint.load_weights(path)
     else:
         try:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            with warnings.catch_warnings():  # e.g. "Detected pickle protocol 4": the error below says it all
+                warnings.simplefilter("ignore")
+                state = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # refuse anything that is not plain tensors; never execute it
             raise UserError(f"cannot load {path} safely as weights ({type(e).__name__}); "
                             f"save a state_dict or use safetensors") from None

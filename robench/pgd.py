@@ -21,22 +21,25 @@ Objective = Callable[[torch.Tensor], torch.Tensor]
 
 @dataclass(frozen=True)
 class LinfBall:
-    """The threat model: an L-inf ball of radius eps intersected with the image box [0, 1]."""
+    """The threat model: an L-inf ball of radius eps intersected with the image box [0, 1].
+
+    Their intersection is a per-pixel box [lo, hi], computed once per attack, so that projecting
+    is a single clamp.
+    """
 
     eps: float
 
-    def project(self, x_adv: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        return torch.minimum(torch.maximum(x_adv, x - self.eps), x + self.eps).clamp_(0, 1)
+    def bounds(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return (x - self.eps).clamp_(0, 1), (x + self.eps).clamp_(0, 1)
 
-    def uniform_start(self, x: torch.Tensor) -> torch.Tensor:
-        return self.project(x + torch.empty_like(x).uniform_(-self.eps, self.eps), x)
-
-    def normal_start(self, x: torch.Tensor, std: float = 0.001) -> torch.Tensor:
-        # TRADES starts at x + 0.001 N(0, I) (Zhang et al., official code).
-        return self.project(x + std * torch.randn_like(x), x)
-
-
-STARTS = {"uniform": LinfBall.uniform_start, "normal": LinfBall.normal_start, "none": lambda ball, x: x.clone()}
+    def start(self, x: torch.Tensor, kind: str, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+        if kind == "uniform":  # Madry et al.: U(-eps, eps)
+            return torch.empty_like(x).uniform_(-self.eps, self.eps).add_(x).clamp_(lo, hi)
+        if kind == "normal":  # TRADES (Zhang et al., official code): x + 0.001 N(0, I)
+            return torch.randn_like(x).mul_(0.001).add_(x).clamp_(lo, hi)
+        if kind == "none":
+            return x.clone()
+        raise ValueError(f"unknown PGD start {kind!r}")
 
 
 def pgd(
@@ -56,15 +59,14 @@ def pgd(
     """
     ball = LinfBall(eps)
     x = x.detach()
-    x_adv = STARTS[start](ball, x)
-    # The ball and the box intersect in per-pixel bounds; computing them once makes each step
-    # one fused add plus one clamp (identical to project(step(...)), fewer kernels).
-    lo, hi = (x - eps).clamp_(0, 1), (x + eps).clamp_(0, 1)
+    lo, hi = ball.bounds(x)
+    x_adv = ball.start(x, start, lo, hi)
     for _ in range(steps):
         x_adv.requires_grad_(True)
         with autocast():
             loss = objective(model(x_adv)).sum()
         (grad,) = torch.autograd.grad(loss, [x_adv])
+        # sign step, then project: one fused add and one clamp to the precomputed box
         x_adv = x_adv.detach().add_(grad.sign_(), alpha=step_size).clamp_(lo, hi)
     return x_adv
 

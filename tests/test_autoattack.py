@@ -53,7 +53,7 @@ def _assert_in_ball(x_adv, x, eps):
 def test_registered_and_dataset_defaults():
     assert ATTACKS["autoattack"] is AutoAttack
     attack = AutoAttack.for_dataset(DATASET_DEFAULTS["digits"])
-    assert attack.eps == 0.1 and attack.version == "standard" and attack.norm == "Linf"
+    assert attack.eps == DATASET_DEFAULTS["digits"].eps and attack.version == "standard" and attack.norm == "Linf"
     assert AutoAttack.__doc__.splitlines()[0].startswith("AutoAttack (Croce & Hein 2020), reference")
 
 

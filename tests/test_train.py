@@ -68,7 +68,7 @@ def test_existing_run_needs_resume(tmp_path, digits):
     with pytest.raises(UserError, match="already exists"):
         run(tmp_path, digits, "x", c=cfg(steps=4))
     with pytest.raises(UserError, match="differ.*eps"):
-        run(tmp_path, digits, "x", c=cfg(steps=4, eps=0.2), resume=True)
+        run(tmp_path, digits, "x", c=cfg(steps=4, eps=0.3), resume=True)
 
 
 def test_checkpoint_records_provenance(tmp_path, digits):
