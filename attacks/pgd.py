@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from robench.attack import Attack
+from robench.errors import UserError
 from robench.pgd import Objective, cross_entropy_objective, cw_objective, pgd
 from robench.registry import ATTACKS
 
@@ -27,6 +28,12 @@ class _PGDBase(Attack):
     restarts: int = 1
     autocast: Callable[[], contextlib.AbstractContextManager] = field(
         default=contextlib.nullcontext, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not self.step_size > 0 or self.attack_steps < 1 or self.restarts < 1:
+            raise UserError(f"PGD needs step_size > 0, attack_steps >= 1 and restarts >= 1; got "
+                            f"{self.step_size}, {self.attack_steps}, {self.restarts}")
 
     def objective(self, y: torch.Tensor) -> Objective:
         raise NotImplementedError
