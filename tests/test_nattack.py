@@ -98,7 +98,7 @@ def test_registered_with_paper_defaults():
     # The dataset's lr (Adam, training) must not leak into the attack's lr.
     assert NAttack.for_dataset(DATASET_DEFAULTS["digits"]).lr == 0.008
     b = cls.for_dataset(DATASET_DEFAULTS["digits"], population=20, lr=0.01)
-    assert (b.eps, b.population, b.lr) == (0.1, 20, 0.01)
+    assert (b.eps, b.population, b.lr) == (DATASET_DEFAULTS["digits"].eps, 20, 0.01)
     with pytest.raises(UserError):
         NAttack(eps=0.1, population=1)
     with pytest.raises(UserError):

@@ -9,6 +9,7 @@ from PIL import Image
 from torch import nn
 
 from robench import checkpoint, paper
+from robench.config import DATASET_DEFAULTS
 from robench.evaluate import worst_case
 from robench.plots import apply_plan
 from robench.rbs import rbs, rbs_plan
@@ -190,7 +191,7 @@ def test_report_of_a_real_trained_and_evaluated_workdir(trained_workdir, tmp_pat
     text = write_report(trained_workdir, tmp_path / "out").read_text()
     for entry in report.entries:
         assert cell(entry.row) in text
-    assert "### digits (8x8, scikit-learn), ε = 0.1" in text
+    assert f"### digits (8x8, scikit-learn), ε = {DATASET_DEFAULTS['digits'].eps:g}" in text
     assert "`robench eval --defense pgdat --dataset digits --attacks nattack`" in text
     with Image.open(tmp_path / "out" / "training.png") as im:
         im.verify()
