@@ -36,6 +36,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import cpu_model
 from robench.attacks.autoattack import AutoAttack
 from robench.data import load_dataset
 from robench.models import build_model
@@ -90,14 +91,7 @@ def timed(fn):
 
 
 def machine() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return (f"{os.cpu_count()} CPU cores (nproc), {cpu}; torch {torch.__version__}, "
             f"{torch.get_num_threads()} intra-op thread(s); Python {platform.python_version()}")
 

@@ -32,6 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from common import cpu_model
 from robench.attacks.nattack import NAttack, _image_seed
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -141,16 +142,6 @@ def reference_nattack(model, x, y, eps, seed=0, population=300, sigma=0.1, lr=0.
 
 
 # --------------------------------------------------------------------------- main
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def main() -> None:

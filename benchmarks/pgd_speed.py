@@ -46,6 +46,8 @@ from robench.data import load_dataset
 from robench.models import build_model, count_params
 from robench.registry import ATTACKS, DEFENSES
 
+from common import cpu_model, interleaved, load
+
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "pgd_speed.md"
 FLOOR_TARGET = 1.05
@@ -53,14 +55,7 @@ TA_TARGET = 1.0
 
 
 def machine_info() -> dict[str, str]:
-    cpu = "unknown"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = cpu_model()
     return {
         "nproc": str(os.cpu_count()),
         "cpu": cpu,
@@ -71,42 +66,6 @@ def machine_info() -> dict[str, str]:
         "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "(unset)"),
         "MKL_NUM_THREADS": os.environ.get("MKL_NUM_THREADS", "(unset)"),
     }
-
-
-def load() -> str:
-    return "/".join(f"{v:.2f}" for v in os.getloadavg())
-
-
-Times = dict[str, list[float]]
-
-
-def interleaved(fns: dict[str, Callable[[], object]], reps: int, inner: int = 1,
-                setup: dict[str, Callable[[], None]] | None = None) -> tuple[Times, Times]:
-    """Per repetition, seconds per call of each fn as (process CPU time, wall time); calls
-    alternate fn by fn. ``setup[name]`` runs (untimed) before each of that fn's calls, e.g. to
-    switch the thread count."""
-    out: dict[str, list[float]] = {n: [] for n in fns}
-    out_cpu: dict[str, list[float]] = {n: [] for n in fns}
-    names = list(fns)
-    for rep in range(reps):
-        acc, cpu = dict.fromkeys(names, 0.0), dict.fromkeys(names, 0.0)
-        # Rotate the order every repetition: each variant takes each position equally often and
-        # never runs twice in a row (a reversed ABC|CBA order would repeat the end ones, and a
-        # repeated call runs warmer, which biased the ratios by a few percent).
-        shift = rep % len(names) if len(names) > 2 else 0
-        order = names[shift:] + names[:shift]
-        for _ in range(inner):
-            for n in order:
-                if setup:
-                    setup[n]()
-                c0, t0 = time.process_time(), time.perf_counter()
-                fns[n]()
-                cpu[n] += time.process_time() - c0
-                acc[n] += time.perf_counter() - t0
-        for n in names:
-            out[n].append(acc[n] / inner)
-            out_cpu[n].append(cpu[n] / inner)
-    return out_cpu, out
 
 
 def med_ratio(times: dict[str, list[float]], a: str, b: str) -> tuple[float, float, float]:

@@ -3,7 +3,6 @@
 import json
 import multiprocessing as mp
 import pickle
-import sqlite3
 
 import numpy as np
 import pytest

@@ -1,0 +1,719 @@
+"""Fidelity benchmark: the paper's defenses on real images (the CIFAR-10 JPEG copy), CPU-sized.
+
+Trains ``standard``, ``pgdat``, ``trades``, ``rlfat-p`` and ``rlfat-t`` (``--ablations`` adds
+``rbsat-p`` and ``rbsat-t``) with identical budgets through robench's Python API, evaluates them
+on one fixed, shuffled test subset (clean, PGD, CW, N-attack, AutoAttack), measures the loss
+sensitivity to brightness and gamma shifts, and writes the robench report with a summary of where
+our ordering of the defenses agrees with the paper's Tables 1 and 2.
+
+Run from the repository root (about 40 minutes on 2 shared CPU cores with the defaults):
+
+    nohup nice -n 10 .venv/bin/python benchmarks/fidelity_cifar10.py > fidelity.log 2>&1 &
+
+Re-running resumes: finished training runs and stored results are skipped (robench's train and
+evaluate resume). The data is ``../shared/data/cifar10-jpeg.tar.gz`` next to the repository; when
+it is absent the script prints one line and exits 0.
+
+What is scaled down, identically for every defense (``--steps``, ``--arch``): the model (a Madry
+WRN with one unit per stage instead of five and widths 16/32/64 instead of 160/320/640) and the
+number of optimiser steps. Everything else is the paper's CIFAR-10 setting (App. A): eps 0.03,
+step 0.0075, 10 attack steps, Adam 1e-3 constant, batch 32, random horizontal flip, lambda 6,
+eta 0.5 (-P) / 1 (-T), RBS k = 2. The whole 50,000-image training set is used (the runs see less
+than one epoch, so no image repeats; note that ``TrainConfig.n_train`` would take the *first* n
+images, and the folder loader orders them by class).
+
+Test subset: the folder loader orders the test set by class, so "the first n test images" would
+be airplanes only. We fix one class-balanced shuffle of the 10,000 test images (seed 0): every
+prefix of 10m images holds m of each class, and every attack runs on a prefix of it, so results
+line up example by example (worst case) and the smaller N-attack / AutoAttack sets are nested in
+the PGD/CW set. robench's result key does not record the subset, so the workdir is this
+benchmark's own (``robench eval`` on it would reuse these rows as if they were the first n).
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models on shared cores: threads only contend
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import shutil
+import sys
+import tarfile
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from multiprocessing import get_context
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+ARCHIVE = SHARED_DATA / "cifar10-jpeg.tar.gz"
+ARCHIVE_SHA256 = "5bc4d888f681f498e093f43ba996369b16bd30a693bc04938d8758882b51077e"
+CACHE = Path.home() / ".cache" / "robench"
+OUT = REPO / "benchmarks" / "results" / "fidelity_cifar10"
+MARKER = ".robench-unpacked"
+TIMINGS = "fidelity_timings.json"
+
+MAIN = ["standard", "pgdat", "trades", "rlfat-p", "rlfat-t"]
+ABLATIONS = ["rbsat-p", "rbsat-t"]
+PAPER4 = ["pgdat", "trades", "rlfat-p", "rlfat-t"]
+# RLFAT-T where the paper's prose and the official code differ (robench's defaults first).
+VARIANTS = {
+    "rbs-image": dict(rbs_mode="image"),  # a fresh RBS draw per image (prose); default: per batch (code)
+    "attack-train": dict(attack_mode="train"),  # x' made in train mode (code); default: eval (TRADES)
+}
+LARGE_EPS = 0.5
+
+
+# -- data -------------------------------------------------------------------------------------------
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def unpack(archive: Path, dest: Path, expected_sha: str | None) -> Path:
+    """Unpack ``archive`` into ``dest`` once; a marker holding the archive's sha256 says it is done."""
+    digest = sha256(archive)
+    if expected_sha is not None and digest != expected_sha:
+        raise SystemExit(f"error: {archive} has sha256 {digest}, expected {expected_sha} (damaged copy?)")
+    marker = dest / MARKER
+    if marker.is_file() and marker.read_text().strip() == digest:
+        return dest
+    tmp = dest.with_name(dest.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    with tarfile.open(archive) as tar:
+        try:
+            tar.extractall(tmp, filter="data")
+        except TypeError:  # Python without extraction filters
+            tar.extractall(tmp)
+    (tmp / MARKER).write_text(digest + "\n")
+    shutil.rmtree(dest, ignore_errors=True)
+    tmp.rename(dest)
+    return dest
+
+
+def balanced_order(y: np.ndarray, seed: int) -> np.ndarray:
+    """A fixed shuffle of the indices in which every prefix of k * classes holds k of each class."""
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(y))
+    rank = np.empty(len(y), dtype=np.int64)
+    for c in np.unique(y):
+        members = perm[y[perm] == c]
+        rank[members] = np.arange(len(members))
+    tiebreak = rng.permutation(len(y))  # shuffles the classes within each round too
+    return np.lexsort((tiebreak, rank))
+
+
+# -- the plan ---------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Plan:
+    folder: Path
+    workdir: Path
+    arch: str
+    steps: int
+    n_test: int  # clean, PGD, CW, loss sensitivity
+    n_nattack: int
+    n_autoattack: int
+    n_large_eps: int
+    defenses: list[str]
+    variants: list[str]
+    overrides: dict[str, dict]  # attack -> parameter overrides (smoke mode only)
+    workers: int
+    threads: int
+    smoke: bool
+    seed: int = 0
+
+    def workdir_of(self, variant: str | None) -> Path:
+        return self.workdir / ("main" if variant is None else f"variant-{variant}")
+
+    def train_config(self, defense: str, variant: str | None = None):
+        from robench.train import TrainConfig
+
+        extra = VARIANTS[variant] if variant else {}
+        # The paper's CIFAR-10 numbers, written out so the record does not depend on defaults.
+        return TrainConfig(defense, "folder", arch=self.arch, steps=self.steps, batch_size=32, lr=1e-3,
+                           eps=0.03, step_size=0.0075, attack_steps=10, flip=True, seed=self.seed,
+                           rbs_k=2, **extra)
+
+    def runs(self) -> list[tuple[str, str | None]]:
+        return [(d, None) for d in self.defenses] + [("rlfat-t", v) for v in self.variants]
+
+
+# -- work done in worker processes -----------------------------------------------------------------
+
+_STATE: dict = {}
+
+
+def _init_worker(threads: int) -> None:
+    import torch
+
+    torch.set_num_threads(threads)
+    import robench.attacks  # noqa: F401  (registers the attacks)
+    import robench.defenses  # noqa: F401
+
+
+def _data(plan: Plan):
+    """The full splits and the fixed test subset, loaded once per process."""
+    if "splits" not in _STATE:
+        from robench.data import load_dataset
+
+        full = load_dataset("folder", plan.folder)
+        order = balanced_order(full.y_test.numpy(), plan.seed)[:plan.n_test]
+        import torch
+
+        idx = torch.from_numpy(order)
+        test = dataclasses.replace(full, x_test=full.x_test[idx].contiguous(), y_test=full.y_test[idx].contiguous())
+        _STATE["splits"], _STATE["test"] = full, test
+    return _STATE["splits"], _STATE["test"]
+
+
+def task_train(plan: Plan, defense: str, variant: str | None) -> dict:
+    from robench.runtime import Runtime
+    from robench.train import train
+    from robench.workdir import runs_dir
+
+    t0 = time.perf_counter()
+    splits, _ = _data(plan)
+    workdir = plan.workdir_of(variant)
+    cfg = plan.train_config(defense, variant)
+    name = cfg.default_name()
+    result = train(cfg, workdir, Runtime.create("cpu"), name=name, resume=(runs_dir(workdir) / name).exists(),
+                   splits=splits, progress=False, checkpoint_every=max(1, min(50, plan.steps)),
+                   log_every=max(1, min(10, plan.steps)))
+    return {"task": f"train {defense}{' ' + variant if variant else ''}", "wall_s": time.perf_counter() - t0,
+            "train_seconds": result.meta.get("train_seconds")}
+
+
+def task_eval(plan: Plan, defense: str, variant: str | None, attack_name: str, n: int,
+              eps: float | None = None) -> dict:
+    from robench.evaluate import CLEAN, evaluate, make_attack, target_from_run
+    from robench.results import Store
+    from robench.runtime import Runtime
+    from robench.workdir import find_run
+
+    t0 = time.perf_counter()
+    _, test = _data(plan)
+    workdir = plan.workdir_of(variant)
+    run_dir, _ = find_run(workdir, defense, "folder")
+    target = target_from_run(run_dir)
+    runtime = Runtime.create("cpu")
+    attack = None if attack_name == CLEAN else make_attack(attack_name, "folder", eps,
+                                                           plan.overrides.get(attack_name))
+    # N-attack in batches of 10 (it searches all active images of a batch together); AutoAttack in one
+    # batch, since its per-call overhead dominates on a handful of surviving images.
+    batch = {"nattack": 10, "autoattack": max(1, n)}.get(attack_name, 256)
+    with Store.in_workdir(workdir) as store:
+        row = evaluate(target, test, attack_name, attack, n, store, runtime, batch_size=batch, seed=0,
+                       progress=False)
+    return {"task": f"{attack_name}{'' if eps is None else f' eps={eps:g}'} n={n} {defense}"
+                    f"{' ' + variant if variant else ''}", "wall_s": time.perf_counter() - t0,
+            "value": row.value}
+
+
+def task_sensitivity(plan: Plan, defense: str, variant: str | None) -> dict:
+    """``robench.analyze.run_sensitivity`` on our subset: it would take the first n images of the
+    class-ordered test set, so we store rows of the same shape ourselves."""
+    from robench import checkpoint
+    from robench.evaluate import target_from_run
+    from robench.results import Key, Row, Store, canonical, now
+    from robench.sensitivity import PAPER_POINTS, loss_sensitivity
+    from robench.workdir import find_run
+
+    t0 = time.perf_counter()
+    _, test = _data(plan)
+    workdir = plan.workdir_of(variant)
+    run_dir, _ = find_run(workdir, defense, "folder")
+    target = target_from_run(run_dir)
+    model = target.model.eval()
+    count = plan.n_test
+    x, y = test.x_test[:count], test.y_test[:count]
+    with Store.in_workdir(workdir) as store:
+        for name, values in PAPER_POINTS.items():
+            for value in values:
+                key = Key(target.sha256, "folder", "test", "sensitivity", name, canonical({"value": float(value)}),
+                          count, 0)
+                if store.get(key) is not None:
+                    continue
+                t1 = time.perf_counter()
+                norms = loss_sensitivity(model, x, y, name, float(value), 256).numpy().astype(np.float32)
+                half = 1.959964 * norms.std(ddof=1) / np.sqrt(len(norms)) if len(norms) > 1 else 0.0
+                mean = float(norms.mean())
+                store.put(Row(key, target.label, mean, (mean - half, mean + half), norms,
+                              time.perf_counter() - t1, checkpoint.versions(), "cpu", now()))
+    return {"task": f"sensitivity n={count} {defense}{' ' + variant if variant else ''}",
+            "wall_s": time.perf_counter() - t0}
+
+
+def _run(task: tuple) -> dict:
+    fn, args = task[0], task[1:]
+    return {"train": task_train, "eval": task_eval, "sens": task_sensitivity}[fn](*args)
+
+
+# -- scheduling -------------------------------------------------------------------------------------
+
+def eval_tasks(plan: Plan, defense: str, variant: str | None) -> list[tuple]:
+    """Longest first, so the two workers finish together."""
+    tasks = []
+    if variant is None:
+        if plan.n_nattack:
+            tasks.append(("eval", plan, defense, variant, "nattack", plan.n_nattack))
+        if plan.n_autoattack:
+            tasks.append(("eval", plan, defense, variant, "autoattack", plan.n_autoattack))
+    tasks += [("eval", plan, defense, variant, "pgd", plan.n_test),
+              ("eval", plan, defense, variant, "cw", plan.n_test),
+              ("eval", plan, defense, variant, "clean", plan.n_test),
+              ("sens", plan, defense, variant)]
+    if variant is None and plan.n_large_eps:
+        tasks.append(("eval", plan, defense, variant, "pgd", plan.n_large_eps, LARGE_EPS))
+    return tasks
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+def execute(plan: Plan) -> None:
+    """Train every run, then evaluate it; a finished run's evaluations start while others train."""
+    runs = plan.runs()
+    # Attack-trained runs first (standard costs ~1/11 of a step), so the tail is short.
+    runs.sort(key=lambda r: r[0] == "standard")
+    train_tasks = [("train", plan, d, v) for d, v in runs]
+    if plan.workers <= 1:
+        _init_worker(plan.threads)
+        for t in train_tasks:
+            log(f"done {_describe(_run(t))}")
+            for e in eval_tasks(plan, t[2], t[3]):
+                log(f"done {_describe(_run(e))}")
+        return
+    ctx = get_context("spawn")  # no fork of a process that may already hold OpenMP threads
+    with ProcessPoolExecutor(plan.workers, mp_context=ctx, initializer=_init_worker,
+                             initargs=(plan.threads,)) as pool:
+        pending = {pool.submit(_run, t): t for t in train_tasks}
+        while pending:
+            done, _ = wait(pending, return_when=FIRST_COMPLETED)
+            for fut in done:
+                task = pending.pop(fut)
+                result = fut.result()  # an error in a worker stops the benchmark; re-run to resume
+                log(f"done {_describe(result)}")
+                if task[0] == "train":
+                    for e in eval_tasks(plan, task[2], task[3]):
+                        pending[pool.submit(_run, e)] = e
+
+
+def _describe(result: dict) -> str:
+    extra = f", value {result['value']:.3f}" if "value" in result else ""
+    return f"{result['task']} in {result['wall_s']:.0f} s{extra}"
+
+
+# -- the summary ------------------------------------------------------------------------------------
+
+PAPER_COLUMNS = ("clean", "pgd", "cw", "nattack")
+COL_LABEL = {"clean": "clean", "pgd": "PGD", "cw": "CW", "nattack": "N-attack", "autoattack": "AutoAttack"}
+
+
+def _rows(workdir: Path) -> tuple[dict, dict]:
+    """(defense -> {column: Row}, defense -> meta) for the newest finished run of each defense."""
+    from robench.report import load_workdir, sensitivity_at, table1_rows
+    from robench.sensitivity import PAPER_POINTS
+
+    wd = load_workdir(workdir)
+    out, metas = {}, {}
+    for (ds, defense), run in wd.runs.items():
+        cols = dict(table1_rows(wd, ds, defense))
+        for t, values in PAPER_POINTS.items():
+            for v in values:
+                row = sensitivity_at(wd.results(ds, defense), t, v)
+                if row is not None:
+                    cols[f"{t} {v:g}"] = row
+        out[defense], metas[defense] = cols, run.meta
+    return out, metas
+
+
+def paired_diff(a, b) -> tuple[float, float, float, int]:
+    """Mean of a - b over the examples both rows share, with a normal 95% interval (paired)."""
+    m = min(len(a.outcomes), len(b.outcomes))
+    d = a.outcomes[:m].astype(np.float64) - b.outcomes[:m].astype(np.float64)
+    mean = float(d.mean())
+    half = 1.959964 * float(d.std(ddof=1)) / math.sqrt(m) if m > 1 else float("nan")
+    return mean, mean - half, mean + half, m
+
+
+def agreement(ours: dict) -> tuple[list[str], dict]:
+    """For each pair of the paper's four defenses and each column, does our ordering match the paper's?"""
+    from robench import paper
+    from robench.sensitivity import PAPER_POINTS
+
+    columns = [c for c in PAPER_COLUMNS if all(c in ours.get(d, {}) for d in PAPER4)]
+    sens = [(t, v) for t, vs in PAPER_POINTS.items() for v in vs
+            if all(f"{t} {v:g}" in ours.get(d, {}) for d in PAPER4)]
+    head = ["pair (a vs b)", *(COL_LABEL[c] for c in columns), *(f"{t} {v:g}" for t, v in sens)]
+    body, tally = [], {"agree": 0, "agree_sig": 0, "disagree": 0, "disagree_sig": 0, "tie": 0,
+                                 "ours_tie": 0}
+    for i, a in enumerate(PAPER4):
+        for b in PAPER4[i + 1:]:
+            cells = []
+            for c in columns:
+                gap = paper.TABLE1["cifar10"][a][c] - paper.TABLE1["cifar10"][b][c]
+                cells.append(_cell(paired_diff(ours[a][c], ours[b][c]), gap, 100, "pp", tally))
+            for t, v in sens:
+                gap = (paper.TABLE2["cifar10"][a][t][PAPER_POINTS[t].index(v)]
+                       - paper.TABLE2["cifar10"][b][t][PAPER_POINTS[t].index(v)])
+                key = f"{t} {v:g}"
+                cells.append(_cell(paired_diff(ours[a][key], ours[b][key]), gap, 1, "", tally))
+            body.append([f"{a} vs {b}", *cells])
+    return _md(head, body), tally
+
+
+def _cell(diff: tuple, paper_gap: float, scale: float, unit: str, tally: dict) -> str:
+    mean, lo, hi, _ = diff
+    ours = f"{scale * mean:+.{1 if scale == 100 else 3}f} [{scale * lo:+.{1 if scale == 100 else 3}f}, " \
+           f"{scale * hi:+.{1 if scale == 100 else 3}f}]"
+    if paper_gap == 0:
+        tally["tie"] += 1
+        return f"paper tie; ours {ours}"
+    if mean == 0:
+        tally["ours_tie"] += 1
+        return f"= {ours} (paper {paper_gap:+.2f})"
+    agree = (mean > 0) == (paper_gap > 0)
+    significant = lo > 0 or hi < 0
+    tally[("agree" if agree else "disagree") + ("_sig" if significant else "")] += 1
+    mark = ("✓" if agree else "✗") + ("" if significant else "?")
+    return f"{mark} {ours} (paper {paper_gap:+.2f})"
+
+
+def _md(head: list[str], body: list[list[str]]) -> list[str]:
+    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
+            *("| " + " | ".join(r) + " |" for r in body), ""]
+
+
+def ranking(ours: dict, column: str, lower_is_better: bool = False) -> str:
+    vals = {d: ours[d][column].value for d in PAPER4 if column in ours.get(d, {})}
+    order = sorted(vals, key=lambda d: vals[d], reverse=not lower_is_better)
+    return " > ".join(order) if not lower_is_better else " < ".join(order)
+
+
+def paper_ranking(column: str) -> str:
+    from robench import paper
+    from robench.sensitivity import PAPER_POINTS
+
+    if column in PAPER_COLUMNS:
+        vals = {d: paper.TABLE1["cifar10"][d][column] for d in PAPER4}
+        return " > ".join(sorted(vals, key=lambda d: -vals[d]))
+    t, v = column.split()
+    vals = {d: paper.TABLE2["cifar10"][d][t][PAPER_POINTS[t].index(float(v))] for d in PAPER4}
+    return " < ".join(sorted(vals, key=lambda d: vals[d]))
+
+
+def variant_table(plan: Plan, main_rows: dict, main_metas: dict) -> list[str]:
+    if not plan.variants:
+        return ["RLFAT-T variants were not run (`--no-variants`).", ""]
+    cols = ["clean", "pgd", "cw", "brightness -0.15", "brightness 0.15", "gamma 0.8", "gamma 1.2"]
+    head = ["RLFAT-T run", "rbs_mode", "attack_mode", *(COL_LABEL.get(c, c) for c in cols),
+            "Δ PGD vs default (paired)", "train time"]
+    body = []
+    base = main_rows.get("rlfat-t", {})
+    entries = [("default (robench)", base, main_metas.get("rlfat-t"))]
+    for v in plan.variants:
+        rows, metas = _rows(plan.workdir_of(v))
+        entries.append((v, rows.get("rlfat-t", {}), metas.get("rlfat-t")))
+    for label, rows, meta in entries:
+        cfg = (meta or {}).get("config", {})
+        cells = []
+        for c in cols:
+            r = rows.get(c)
+            if r is None:
+                cells.append("—")
+            elif c in COL_LABEL:
+                cells.append(f"{100 * r.value:.1f} [{100 * r.ci[0]:.1f}–{100 * r.ci[1]:.1f}]")
+            else:
+                cells.append(f"{r.value:.3f} [{r.ci[0]:.3f}–{r.ci[1]:.3f}]")
+        if label.startswith("default") or "pgd" not in rows or "pgd" not in base:
+            delta = "—"
+        else:
+            m, lo, hi, _ = paired_diff(rows["pgd"], base["pgd"])
+            delta = f"{100 * m:+.1f} [{100 * lo:+.1f}, {100 * hi:+.1f}]"
+        secs = (meta or {}).get("train_seconds")
+        body.append([label, str(cfg.get("rbs_mode", "?")), str(cfg.get("attack_mode", "?")), *cells, delta,
+                     "—" if secs is None else f"{secs:.0f} s"])
+    return _md(head, body)
+
+
+def header(plan: Plan, timings: dict) -> list[str]:
+    from robench.models import build_model, count_params
+
+    ours, metas = _rows(plan.workdir_of(None))
+    table_lines, tally = agreement(ours)
+    n_params = count_params(build_model(plan.arch, 3, 10))
+    total = sum(timings.get("phases", {}).values())
+    lines = ["# Fidelity benchmark: RLFAT's defenses on the CIFAR-10 JPEG copy, CPU scale", ""]
+    if plan.smoke:
+        lines += ["**SMOKE RUN** (a few steps on tiny synthetic data): the numbers below mean nothing.", ""]
+    lines += [
+        "Data: **CIFAR-10 (JPEG copy)** (`cifar10-jpeg.tar.gz`, JPEG quality ~75). Accuracies on it are "
+        "not CIFAR-10 numbers, and at this scale they are far below the paper's: the paper columns are "
+        "there for the *ordering* of defenses, not the levels.", "",
+        "## Summary", "",
+    ]
+    lines += summary_text(ours, tally)
+    lines += ["### Pairwise orderings against the paper", "",
+              "Each cell: ours = a − b (accuracy in percentage points; loss sensitivity in its own units, "
+              "lower is better), mean over the same test images with a paired 95% interval; then the "
+              "paper's a − b (Table 1 / Table 2, CIFAR-10). ✓ the sign agrees with the paper, ✗ it does "
+              "not; `?` our interval contains 0, i.e. the order is not resolved at this n; `=` ours is an "
+              "exact tie (the same outcome on every image).", "",
+              *table_lines]
+    lines += ["### Rankings", "", "| column | ours (n) | paper CIFAR-10 |", "|---|---|---|"]
+    for c in [*PAPER_COLUMNS, "autoattack"]:
+        if all(c in ours.get(d, {}) for d in PAPER4):
+            n = ours[PAPER4[0]][c].key.n
+            lines.append(f"| {COL_LABEL[c]} | {ranking(ours, c)} (n={n}) | "
+                         f"{paper_ranking(c) if c in PAPER_COLUMNS else 'not in the paper'} |")
+    for c in ["brightness -0.15", "brightness 0.15", "gamma 0.8", "gamma 1.2"]:
+        if all(c in ours.get(d, {}) for d in PAPER4):
+            lines.append(f"| loss sensitivity {c} (lower first) | {ranking(ours, c, True)} | {paper_ranking(c)} |")
+    lines += ["", "## Where the paper's prose and the official code differ (RLFAT-T, same budget)", "",
+              "robench's defaults: `rbs_mode=\"batch\"` (one RBS draw per batch, as the official code; the "
+              "prose reads as per image) and `attack_mode=\"eval\"` (x' made with BatchNorm in eval mode, as "
+              "the TRADES code; the official RLFAT code attacks in train mode, which moves BN statistics "
+              "during the attack). Each variant below changes one of the two, same seed, steps and data. "
+              f"Evaluated on the same first n = {plan.n_test} images (N-attack and AutoAttack not run on the "
+              "variants).", "", *variant_table(plan, ours, metas)]
+    lines += scale_section(plan, n_params, metas, timings, total)
+    return lines
+
+
+def summary_text(ours: dict, tally: dict) -> list[str]:
+    judged = tally["agree"] + tally["agree_sig"] + tally["disagree"] + tally["disagree_sig"]
+    if not judged:
+        return ["Not enough results yet to compare orderings.", ""]
+    out = [f"Of {judged} pairwise orderings of the paper's four defenses (6 pairs × each metric with results), "
+           f"**{tally['agree'] + tally['agree_sig']} agree in sign with the paper** "
+           f"({tally['agree_sig']} of them with our paired 95% interval excluding 0) and "
+           f"**{tally['disagree'] + tally['disagree_sig']} disagree** ({tally['disagree_sig']} significantly). "
+           f"{tally['agree'] + tally['disagree']} of the {judged} are not resolved at our n (interval contains 0)."
+           + (f" {tally['ours_tie']} exact ties of ours and" if tally["ours_tie"] else "")
+           + (f" {tally['tie']} paper tie(s) were not scored." if tally["tie"] else
+              (" were not scored." if tally["ours_tie"] else "")), ""]
+    claims = [
+        ("RLFAT-P vs PGDAT (Table 1: RLFAT-P more robust; AutoAttack is not in the paper)", "rlfat-p", "pgdat", ["pgd", "cw", "nattack", "autoattack"], 1),
+        ("RLFAT-T vs TRADES (Table 1: RLFAT-T more robust; AutoAttack is not in the paper)", "rlfat-t", "trades", ["pgd", "cw", "nattack", "autoattack"], 1),
+        ("RLFAT-P vs PGDAT (Table 2: RLFAT-P smoother, lower l)", "rlfat-p", "pgdat",
+         ["brightness -0.15", "brightness 0.15", "gamma 0.8", "gamma 1.2"], -1),
+        ("RLFAT-T vs TRADES (Table 2: RLFAT-T smoother, lower l)", "rlfat-t", "trades",
+         ["brightness -0.15", "brightness 0.15", "gamma 0.8", "gamma 1.2"], -1),
+        ("TRADES vs PGDAT (Table 1: TRADES more robust)", "trades", "pgdat", ["pgd", "cw", "nattack"], 1),
+    ]
+    for title, a, b, cols, sign in claims:
+        parts = []
+        for c in cols:
+            if c in ours.get(a, {}) and c in ours.get(b, {}):
+                m, lo, hi, n = paired_diff(ours[a][c], ours[b][c])
+                s = 100 if c in COL_LABEL else 1
+                fmt = ".1f" if s == 100 else ".3f"
+                verdict = ("tie" if m == 0 else "as the paper" if m * sign > 0 else "against the paper") + \
+                          ("" if lo > 0 or hi < 0 or m == 0 else ", within noise")
+                parts.append(f"{COL_LABEL.get(c, c)} {s * m:+{fmt}} [{s * lo:+{fmt}}, {s * hi:+{fmt}}] (n={n}, {verdict})")
+        if parts:
+            out.append(f"- **{title}**: " + "; ".join(parts) + ".")
+    return out + [""]
+
+
+def scale_section(plan: Plan, n_params: int, metas: dict, timings: dict, total: float) -> list[str]:
+    per_step = {d: m.get("train_seconds", 0) / max(1, m["config"]["steps"]) for d, m in metas.items()}
+    phases = timings.get("phases", {})
+    if plan.arch == "wrn-10-1":
+        model = (f"- Model: `{plan.arch}` ({n_params:,} parameters), the paper's Madry wide ResNet (pre-activation "
+                 "units, LeakyReLU 0.1, BN ε 1e-3, avg-pool + zero-pad shortcuts) with 1 unit per stage and widths "
+                 "16/32/64 instead of 5 units and 160/320/640 (`wrn-32-10`, 45.9M). It keeps the architecture "
+                 "family (BatchNorm in every unit matters for the train- vs eval-mode attack question, and the "
+                 "receptive field spans the image, which RBS's k = 2 blocks are meant to break), at a cost that "
+                 "fits 2 shared CPU cores. Probe before the run (batch 32, 32x32, one thread, CPU seconds per "
+                 "PGD-10 training step): tiny-cnn 0.28, small-cnn 0.47-0.58, wrn-10-1 0.66-0.71, wrn-16-1 "
+                 "1.1-1.6; the CNNs are not the paper's architecture and barely cheaper than wrn-10-1.")
+    else:
+        model = f"- Model: `{plan.arch}` ({n_params:,} parameters)."
+    lines = ["## Scale, and why", "", model,
+             f"- Steps: **{plan.steps}** optimiser steps of batch 32 for every defense ({plan.steps * 32:,} images, "
+             f"{plan.steps * 32 / 50000:.2f} epochs of the 50,000 training images; the paper: 79,800 steps, ~51 "
+             "epochs). Chosen so that the whole benchmark takes about 40 minutes of wall time on this machine "
+             "(2 cores shared with other jobs, run under `nice -n 10`, two worker processes of one thread each). "
+             "Same seed (0) for every defense: the same initial weights and the same batches.",
+             "- Unchanged from the paper (App. A): ε 0.03, step 0.0075, 10 attack steps in training and in PGD/CW "
+             "evaluation, Adam 1e-3 constant, batch 32, random horizontal flip, λ 6, η 0.5 (-P) / 1 (-T), RBS k 2; "
+             "N-attack population 300, σ 0.1, lr 0.008, 200 iterations; CW κ 50; AutoAttack `standard`. "
+             "Nothing was tuned per defense.",
+             f"- Test subset: one fixed class-balanced shuffle of the 10,000 test images (seed 0; the folder "
+             f"loader orders them by class, so the plain first n would be one class). Clean, PGD, CW and loss "
+             f"sensitivity on its first **{plan.n_test}**; AutoAttack on the first **{plan.n_autoattack}**; "
+             f"N-attack on the first **{plan.n_nattack}** (each surviving image costs 60,000 queries, ~100 s of "
+             f"CPU here; the paper uses 1,500); PGD at ε = {LARGE_EPS:g} (masking check) on the first "
+             f"{plan.n_large_eps}. The sets are nested, so worst-case accuracy is per example.",
+             "- Intervals: accuracy cells carry 95% Wilson intervals; loss sensitivities a normal 95% interval of "
+             "the mean over images; differences between defenses a paired normal 95% interval over the shared "
+             "images.",
+             "",
+             "Timings (wall, this run; training per run, with its seconds per step):", ""]
+    for d, m in metas.items():
+        lines.append(f"- train {d}: {m.get('train_seconds', 0):.0f} s ({per_step[d]:.2f} s/step)")
+    for k, v in phases.items():
+        lines.append(f"- phase {k}: {v:.0f} s")
+    lines += [f"- **total: {total:.0f} s ({total / 60:.1f} min)**, summed over all invocations of the script "
+              "(a resumed run adds up).", "",
+              f"Caveats: far too few steps for the paper's accuracies (the paper's models see "
+              f"~{79800 / plan.steps:.0f}x more images, with a model ~{45.9e6 / n_params:.0f}x larger); at this scale robust and clean accuracy are both low, "
+              "and the gaps between defenses are a few points, comparable to the intervals. The N-attack and "
+              "AutoAttack columns rest on very few images. One seed per defense: seed-to-seed variation of "
+              "the training is not in the intervals (they cover only the test-sample noise).", "",
+              "Below: the robench report of this workdir (`robench.report.write_report`), unchanged.", "", "---", ""]
+    return lines
+
+
+def measure(plan: Plan, full) -> None:
+    """Time a few real training steps of each run and the evaluation's unit costs (``--measure``)."""
+    import tempfile
+
+    import torch
+
+    from robench.evaluate import make_attack
+    from robench.models import build_model
+    from robench.runtime import Runtime
+    from robench.train import train
+
+    _STATE["splits"] = full
+    per_step = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for defense, variant in plan.runs():
+            cfg = dataclasses.replace(plan.train_config(defense, variant), steps=4)
+            t = train(cfg, Path(tmp) / (variant or "main"), Runtime.create("cpu"), splits=full, progress=False,
+                      log_every=1, checkpoint_every=4)
+            log_rows = (t.run_dir / "train_log.csv").read_text().splitlines()[1:]
+            elapsed = [float(r.split(",")[-1]) for r in log_rows]
+            per_step[(defense, variant)] = (elapsed[-1] - elapsed[0]) / (len(elapsed) - 1)
+            log(f"measure: {defense} {variant or ''}: {per_step[(defense, variant)]:.2f} s/step (wall)")
+    model = build_model(plan.arch, 3, 10).eval()
+    x, y = full.x_test[:100], full.y_test[:100]
+    t0 = time.perf_counter()
+    make_attack("pgd", "folder").perturb(model, x, y)
+    pgd = (time.perf_counter() - t0) / 100
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for _ in range(5):
+            model(full.x_test[:300])
+    query = (time.perf_counter() - t0) / 1500
+    train_s = sum(per_step.values()) * plan.steps
+    log(f"measure: PGD-10 {pgd * 1000:.0f} ms/image; one query {query * 1000:.2f} ms "
+        f"(an N-attack image that survives 200 x 300 queries: {60000 * query:.0f} s)")
+    log(f"measure: training {train_s:.0f} s of wall in one process at {plan.steps} steps; "
+        f"PGD+CW on {plan.n_test} images x {len(plan.runs())} runs: {2 * pgd * plan.n_test * len(plan.runs()):.0f} s")
+
+
+# -- main -------------------------------------------------------------------------------------------
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--archive", type=Path, default=ARCHIVE, help="the CIFAR-10 JPEG archive (default: %(default)s)")
+    p.add_argument("--cache", type=Path, default=CACHE / "cifar10-jpeg", help="where to unpack it")
+    p.add_argument("--workdir", type=Path, default=CACHE / "fidelity_cifar10", help="robench workdirs (resumable)")
+    p.add_argument("--out", type=Path, default=OUT, help="report folder")
+    p.add_argument("--arch", default="wrn-10-1")
+    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--n-test", type=int, default=500)
+    p.add_argument("--n-nattack", type=int, default=10)
+    p.add_argument("--n-autoattack", type=int, default=20)
+    p.add_argument("--n-large-eps", type=int, default=100)
+    p.add_argument("--ablations", action="store_true", help="also train rbsat-p and rbsat-t")
+    p.add_argument("--no-variants", action="store_true", help="skip the RLFAT-T rbs_mode/attack_mode variants")
+    p.add_argument("--workers", type=int, default=2, help="worker processes (each runs one task)")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
+    p.add_argument("--smoke", action="store_true",
+                   help="a seconds-long run on tiny data (tests): tiny-cnn, 2 steps, weak attacks")
+    p.add_argument("--measure", action="store_true", help="time a few steps of each run and the attacks; exit")
+    p.add_argument("--no-sha-check", action="store_true", help="accept an archive with another sha256")
+    return p.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    if not args.archive.is_file():
+        print(f"fidelity_cifar10: skipped: no CIFAR-10 JPEG archive at {args.archive} "
+              f"(it lives in ../shared/data next to the repository)")
+        return 0
+    t_start = time.perf_counter()
+    folder = unpack(args.archive, args.cache, None if (args.no_sha_check or args.smoke) else ARCHIVE_SHA256)
+    overrides: dict[str, dict] = {}
+    if args.smoke:
+        args.arch, args.steps, args.workers = "tiny-cnn", 2, 1
+        overrides = {"nattack": {"population": 20, "iterations": 10},
+                     "autoattack": {"version": "custom", "attacks": ("apgd-ce",)}}
+    import torch
+
+    torch.set_num_threads(args.threads)
+    from robench.data import load_dataset
+
+    full = load_dataset("folder", folder)  # decodes once and caches, before the workers start
+    n_total = len(full.y_test)
+    clip = lambda n: min(n, n_total)  # noqa: E731
+    plan = Plan(folder=folder, workdir=args.workdir, arch=args.arch, steps=args.steps, n_test=clip(args.n_test),
+                n_nattack=clip(args.n_nattack), n_autoattack=clip(args.n_autoattack),
+                n_large_eps=clip(args.n_large_eps), defenses=MAIN + (ABLATIONS if args.ablations else []),
+                variants=[] if args.no_variants else list(VARIANTS), overrides=overrides,
+                workers=args.workers, threads=args.threads, smoke=args.smoke)
+    for k in ("n_test", "n_nattack", "n_autoattack", "n_large_eps"):
+        if getattr(plan, k) < 0:
+            raise SystemExit(f"error: --{k.replace('_', '-')} must be >= 0")
+    if args.measure:
+        measure(plan, full)
+        return 0
+    plan.workdir.mkdir(parents=True, exist_ok=True)
+    timing_path = plan.workdir / TIMINGS
+    timings = json.loads(timing_path.read_text()) if timing_path.exists() else {"phases": {}}
+
+    def phase(name: str, t0: float) -> None:
+        timings["phases"][name] = timings["phases"].get(name, 0.0) + time.perf_counter() - t0
+        timing_path.write_text(json.dumps(timings, indent=1))
+
+    log(f"plan: {plan.arch}, {plan.steps} steps, runs {plan.runs()}, n_test {plan.n_test}, "
+        f"nattack {plan.n_nattack}, autoattack {plan.n_autoattack}; workdir {plan.workdir}")
+    phase("unpack + load data", t_start)
+    t0 = time.perf_counter()
+    execute(plan)
+    phase("train + evaluate + sensitivity", t0)
+
+    t0 = time.perf_counter()
+    from robench.analyze import run_salience
+    from robench.report import write_report
+    from robench.runtime import Runtime
+
+    import robench.attacks  # noqa: F401
+    import robench.defenses  # noqa: F401
+
+    main_wd = plan.workdir_of(None)
+    run_salience(plan.defenses, main_wd, Runtime.create("cpu"), dataset="folder", data_dir=folder,
+                 n_samples=10 if plan.smoke else 50)
+    args.out.mkdir(parents=True, exist_ok=True)
+    for old in args.out.glob("*.png"):
+        old.unlink()
+    path = write_report(main_wd, args.out, rbs_image=full.x_test[int(balanced_order(full.y_test.numpy(), 0)[0])])
+    phase("salience + report", t0)
+    body = path.read_text()
+    path.write_text("\n".join(header(plan, timings)) + "\n" + body)
+    total = sum(timings["phases"].values())
+    log(f"wrote {path} (total {total:.0f} s over all invocations)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
