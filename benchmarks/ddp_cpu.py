@@ -54,7 +54,7 @@ def main() -> None:
     p.add_argument("--n", type=int, default=360)
     args = p.parse_args()
     py = [sys.executable, "-m"]
-    torchrun = [*py, "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    torchrun = [*py, "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m"]
     train = ["robench", "train", "pgdat", "--arch", args.arch, "--steps", str(args.steps), "--batch-size",
              str(args.batch_size), "--no-progress", "--checkpoint-every", str(args.steps)]
     evaluate = ["robench", "eval", "--defense", "pgdat", "--attacks", "pgd", "--n-examples", str(args.n),

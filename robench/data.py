@@ -35,6 +35,7 @@ from robench.errors import UserError
 from robench.registry import DATASETS
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+FOLDER_ORDER_SEED = 0
 _CACHE_FORMAT = "1"  # bump when the cached arrays' layout changes, so old caches are not read
 
 
@@ -303,12 +304,16 @@ def _load_folder(data_dir: Path | None, download: bool) -> Splits:
                             f"but test images are {arrays['x_test'].shape[2]}x{arrays['x_test'].shape[1]} "
                             f"in {root}; all images must have one size")
         _save_atomic(cache, arrays)
+    # Files are listed class by class; one fixed shuffle per split makes "the first n images"
+    # (--n-train, eval's --n) a fair sample of every class, as in CIFAR's own files.
+    order = {split: np.random.default_rng(FOLDER_ORDER_SEED).permutation(len(arrays[f"y_{split}"]))
+             for split in ("train", "test")}
     return Splits(
         "folder",
-        _to_float(arrays["x_train"], channels_last=True),
-        torch.from_numpy(arrays["y_train"]),
-        _to_float(arrays["x_test"], channels_last=True),
-        torch.from_numpy(arrays["y_test"]),
+        _to_float(arrays["x_train"][order["train"]], channels_last=True),
+        torch.from_numpy(arrays["y_train"][order["train"]]),
+        _to_float(arrays["x_test"][order["test"]], channels_last=True),
+        torch.from_numpy(arrays["y_test"][order["test"]]),
         [str(c) for c in arrays["classes"]],
     )
 

@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import robench.data as data
-from robench.data import Splits, cache_dir, default_data_dir, describe, load_dataset, subset
+from robench.data import FOLDER_ORDER_SEED, Splits, cache_dir, default_data_dir, describe, load_dataset, subset
 from robench.errors import UserError
 from robench.registry import DATASETS
 
@@ -166,12 +166,16 @@ def test_folder_loads_pixels_and_labels(tmp_path: Path) -> None:
     assert s.classes == ["ant", "bee", "cat"]
     assert s.x_train.shape == (12, 3, 8, 8) and s.x_test.shape == (6, 3, 8, 8)
     assert s.x_train.dtype == torch.float32 and s.y_train.dtype == torch.int64
-    assert s.y_train.tolist() == [0] * 4 + [1] * 4 + [2] * 4 and s.y_test.tolist() == [0, 0, 1, 1, 2, 2]
-    for split, x, n in (("train", s.x_train, 4), ("test", s.x_test, 2)):
-        for label, cls in enumerate(s.classes):
-            for i in range(n):
-                want = torch.from_numpy(_pixels(CLASSES.index(cls), i, split)).permute(2, 0, 1).float() / 255
-                assert torch.equal(x[label * n + i], want)
+    # Files are read class by class, then put in one fixed shuffled order per split.
+    for split, x, y, n in (("train", s.x_train, s.y_train, 4), ("test", s.x_test, s.y_test, 2)):
+        listed = [(label, i) for label in range(len(s.classes)) for i in range(n)]
+        order = np.random.default_rng(FOLDER_ORDER_SEED).permutation(len(listed))
+        assert y.tolist() == [listed[k][0] for k in order]
+        for j, k in enumerate(order):
+            label, i = listed[k]
+            want = torch.from_numpy(_pixels(CLASSES.index(s.classes[label]), i, split)).permute(2, 0, 1).float() / 255
+            assert torch.equal(x[j], want)
+    assert s.y_train[:6].unique().numel() > 1  # the first images are not all one class
 
 
 def test_folder_second_load_uses_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -277,8 +281,9 @@ def test_folder_reads_real_cifar10_jpegs(tmp_path: Path) -> None:
     classes = sorted(wanted)
     s = load_dataset("folder", tmp_path)
     assert s.classes == classes and s.image_shape == (3, 32, 32)
-    assert s.y_test.tolist() == [0] * 5 + [1] * 5 and s.y_train.tolist() == [0, 0, 1, 1]
+    assert sorted(s.y_test.tolist()) == [0] * 5 + [1] * 5 and sorted(s.y_train.tolist()) == [0, 0, 1, 1]
     assert 0 <= s.x_test.min() and s.x_test.max() <= 1 and s.x_test.std() > 0.05
     with Image.open(tmp_path / "test" / sorted(wanted[classes[0]])[0]) as im:
         first = torch.tensor(np.array(im.convert("RGB"))).permute(2, 0, 1).float() / 255
-    assert torch.equal(s.x_test[0], first)
+    position = int(np.flatnonzero(np.random.default_rng(FOLDER_ORDER_SEED).permutation(10) == 0)[0])
+    assert torch.equal(s.x_test[position], first)
