@@ -10,6 +10,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ["train_step.py", "pgd_speed.py", "nattack_batching.py", "autoattack_crosscheck.py", "ddp_cpu.py"]
+# fidelity_cifar10.py takes about an hour and needs ../shared/data: run it on its own.
 
 if __name__ == "__main__":
     failed = [name for name in BENCHMARKS
