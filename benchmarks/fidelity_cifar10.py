@@ -36,7 +36,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models on shared cores: th
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import math
 import shutil
@@ -71,16 +70,10 @@ LARGE_EPS = 0.5
 
 # -- data -------------------------------------------------------------------------------------------
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def unpack(archive: Path, dest: Path, expected_sha: str | None) -> Path:
     """Unpack ``archive`` into ``dest`` once; a marker holding the archive's sha256 says it is done."""
+    from robench.checkpoint import sha256
+
     digest = sha256(archive)
     if expected_sha is not None and digest != expected_sha:
         raise SystemExit(f"error: {archive} has sha256 {digest}, expected {expected_sha} (damaged copy?)")

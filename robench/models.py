@@ -23,8 +23,8 @@ official RLFAT code copies as ``{cifar_10,cifar_100,stl_10}/model_bn.py`` (JHL-H
 * Init: conv ``random_normal(stddev=sqrt(2 / (k*k*out)))`` (= kaiming-normal, fan-out);
   fc ``uniform_unit_scaling(factor=1)`` = U(-sqrt(3 / fan_in), +sqrt(3 / fan_in)), bias 0; BN
   gamma 1, beta 0. We use exactly these.
-* Weight decay in the official code applies to the ``DW`` variables only (conv and fc weights,
-  not BN or biases): :func:`decay_parameter_groups` returns that split.
+* The model defines an L2 term on its conv and fc weights, but RLFAT trains with plain Adam and
+  no weight decay (DESIGN.md, App. A), so robench has none.
 
 Known, deliberate difference: for the stride-2 convs TF 'SAME' pads 0 before / 1 after an even
 input, PyTorch ``padding=1`` pads 1 on both sides. Output sizes are identical; the sampling grid is
@@ -55,7 +55,6 @@ __all__ = [
     "arch_names",
     "build_model",
     "count_params",
-    "decay_parameter_groups",
     "parse_wrn",
 ]
 
@@ -294,15 +293,3 @@ def count_params(model: nn.Module) -> int:
     """Number of parameters (trainable or not; buffers such as BN running stats excluded)."""
     return sum(p.numel() for p in model.parameters())
 
-
-def decay_parameter_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(decayed, not decayed): conv and linear weights vs. everything else, as the official
-    code's ``_decay`` (L2 on the ``DW`` variables only)."""
-    decay, no_decay = [], []
-    for m in model.modules():
-        for name, p in m.named_parameters(recurse=False):
-            if name == "weight" and isinstance(m, (nn.Conv2d, nn.Linear)):
-                decay.append(p)
-            else:
-                no_decay.append(p)
-    return decay, no_decay

@@ -15,7 +15,6 @@ from robench.models import (
     arch_names,
     build_model,
     count_params,
-    decay_parameter_groups,
 )
 from robench.registry import ARCHS
 
@@ -180,14 +179,6 @@ def test_tf_init():
     bound = (3 / model.fc.in_features) ** 0.5
     assert model.fc.weight.abs().max() <= bound and model.fc.weight.abs().max() > 0.9 * bound
     assert not model.fc.bias.any()
-
-
-def test_decay_groups():
-    model = build_model("wrn-8-1", 3, 10)
-    decay, no_decay = decay_parameter_groups(model)
-    assert len(decay) == 1 + 2 * 3 + 1  # convs + fc weight
-    assert all(p.dim() in (2, 4) for p in decay) and all(p.dim() == 1 for p in no_decay)
-    assert sum(p.numel() for p in decay + no_decay) == count_params(model)
 
 
 @pytest.mark.parametrize("arch", ["nope", "wrn-32", "wrn-2-10", "resnet18"])

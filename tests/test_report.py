@@ -185,10 +185,15 @@ def test_report_of_a_real_trained_and_evaluated_workdir(trained_workdir, tmp_pat
     from robench.evaluate import run_eval
     from robench.runtime import Runtime
 
-    # The same call as test_eval's, so in a full run it is a cache hit.
-    report = run_eval(["standard", "pgdat"], ["pgd", "cw"], trained_workdir, Runtime.create("cpu"), n=64,
+    import shutil
+
+    # A private copy of the runs: other tests add rows with other n to the shared workdir, and the
+    # report shows the largest n per result.
+    workdir = tmp_path / "workdir"
+    shutil.copytree(trained_workdir / "runs", workdir / "runs")
+    report = run_eval(["standard", "pgdat"], ["pgd", "cw"], workdir, Runtime.create("cpu"), n=64,
                       progress=False)
-    text = write_report(trained_workdir, tmp_path / "out").read_text()
+    text = write_report(workdir, tmp_path / "out").read_text()
     for entry in report.entries:
         assert cell(entry.row) in text
     assert f"### digits (8x8, scikit-learn), ε = {DATASET_DEFAULTS['digits'].eps:g}" in text
