@@ -190,7 +190,7 @@ def evaluate(
         return None
     done = {b: r for part in gathered for b, r in part.items()}
     outcomes = np.concatenate([done[b][0] for b, _ in iter_batches(n, batch_size)])
-    acc = float(outcomes.mean())
+    acc = float(outcomes.mean(dtype=np.float64))  # exact k/n, not a float32 rounding of it
     row = Row(key, target.label, acc, wilson(outcomes.sum(), n), outcomes,
               sum(w for _, w in done.values()), checkpoint.versions(), str(runtime.device), now())
     store.put(row)
