@@ -24,7 +24,7 @@ class Group(click.Group):
             click.echo(f"error: {e}", err=True)
             sys.exit(2)
         except click.exceptions.Abort:
-            click.echo("error: aborted", err=True)
+            click.echo("error: interrupted; finished work is stored, run the same command again to resume", err=True)
             sys.exit(130)
         except click.ClickException as e:
             click.echo(f"error: {e.format_message()}", err=True)
