@@ -257,6 +257,8 @@ def eval_(defenses, checkpoint_path, arch, dataset, data_dir, attacks, n, eps, o
 @device_options
 def sensitivity(defenses, dataset, data_dir, n, sweep, batch_size, progress, workdir, device, amp, compile_):
     """Loss sensitivity under brightness and gamma shifts (paper section 4.3, Table 2)."""
+    import json
+
     from robench.analyze import run_sensitivity
     from robench.runtime import Runtime
     from robench.sensitivity import PAPER_POINTS
@@ -265,7 +267,7 @@ def sensitivity(defenses, dataset, data_dir, n, sweep, batch_size, progress, wor
                            Runtime.create(device, amp, compile_), dataset, data_dir, n, sweep, batch_size, progress)
     click.echo("loss sensitivity l = mean ||grad_x CE||_2 (paper Table 2 points)")
     for row in rows:
-        value = __import__("json").loads(row.key.params)["value"]
+        value = json.loads(row.key.params)["value"]
         if value in PAPER_POINTS[row.key.name]:
             click.echo(f"  {row.defense:10s} {row.key.dataset:8s} {row.key.name:10s} {value:+.2f}  {row.value:.4f}")
 

@@ -15,7 +15,6 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from robench.config import DatasetDefaults
 from robench.pgd import cross_entropy_objective, kl_objective, pgd
 from robench.rbs import rbs
 
@@ -51,10 +50,6 @@ class Defense:
         self.autocast = autocast
         # Tests replace this with a fixed permutation to check losses by hand.
         self.rbs: Callable[[torch.Tensor], torch.Tensor] = lambda x: rbs(x, self.rbs_k, self.rbs_mode)
-
-    @classmethod
-    def for_dataset(cls, defaults: DatasetDefaults, **kwargs) -> "Defense":
-        return cls(defaults.eps, defaults.step_size, defaults.attack_steps, **kwargs)
 
     def hyperparameters(self) -> dict:
         """What the checkpoint records about this defense's objective."""
