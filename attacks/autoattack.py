@@ -59,6 +59,7 @@ from robench.attack import Attack, check_adversarial
 from robench.errors import UserError
 from robench.pgd import LinfBall
 from robench.registry import ATTACKS
+from robench.seeding import example_index, mix
 
 VERSIONS = ("standard", "plus", "rand", "custom")
 ATTACK_NAMES = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
@@ -114,11 +115,15 @@ class AutoAttack(Attack):
     norm: str = "Linf"
     # Only with version="custom": which of ATTACK_NAMES to run, in order.
     attacks: tuple[str, ...] = ()
+    # The reference draws its random numbers for a whole batch (APGD's starts, Square's patch
+    # positions). Examples therefore run in fixed groups of this many consecutive indices, group
+    # g with seed mix(seed, g), so the evaluator's batch size cannot change an outcome.
+    group: int = 256
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        # Warning-level messages of the reference's last run: an attribute, not a parameter.
-        self.last_warnings: list[str] = []
+        if self.group < 1:
+            raise UserError(f"autoattack group must be at least 1, got {self.group}")
         if self.version not in VERSIONS:
             raise UserError(f"autoattack version must be one of {', '.join(VERSIONS)}, got {self.version!r}")
         if self.norm != "Linf":
@@ -139,7 +144,25 @@ class AutoAttack(Attack):
         p["attacks"] = list(self.attacks)  # JSON has no tuples
         return p
 
-    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    @property
+    def unit(self) -> int:
+        return self.group
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                index: torch.Tensor | None = None) -> torch.Tensor:
+        """Runs the reference once per group of examples (see ``group``)."""
+        index = example_index(index, len(x))
+        x_adv = x.detach().clone()
+        seen: list[str] = []
+        groups = torch.div(index, self.group, rounding_mode="floor")
+        for g in torch.unique(groups).tolist():
+            members = (groups == g).nonzero().flatten().to(x.device)
+            x_adv[members] = self._run_group(model, x[members], y[members], mix(self.seed, g))
+            seen += [w for w in self.last_warnings if w not in seen]
+        self.last_warnings = seen
+        return x_adv
+
+    def _run_group(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, seed: int) -> torch.Tensor:
         from pyautoattack import AutoAttack as Reference  # imported lazily: the registry loads every attack
 
         if len(x) == 0:
@@ -153,7 +176,7 @@ class AutoAttack(Attack):
                 n_classes = model(x[:1]).shape[-1]
             ref = Reference(
                 model, eps=self.eps, norm=self.norm, version=self.version, device=x.device,
-                seed=self.seed, attacks=list(self.attacks) if self.version == "custom" else None,
+                seed=seed, attacks=list(self.attacks) if self.version == "custom" else None,
             )
             to_run = ref.attacks_to_run or []
             if n_classes < 4 and any(a in _DLR for a in to_run):

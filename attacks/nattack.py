@@ -60,6 +60,7 @@ from tqdm.auto import tqdm
 from robench.attack import Attack, check_adversarial
 from robench.errors import UserError
 from robench.registry import ATTACKS
+from robench.seeding import example_index, generators
 
 # Automatic chunking: at most this many candidate samples, and this many input floats, per
 # forward pass (32k samples of 8x8 digits; ~10k samples of 32x32x3 CIFAR, 128 MB of input).
@@ -91,11 +92,6 @@ def _standardise(reward: torch.Tensor) -> torch.Tensor:
     """
     std, mean = torch.std_mean(reward, -1, correction=0, keepdim=True)
     return (reward - mean).div_(std.add_(2e-7))
-
-
-def _image_seed(seed: int, index: int) -> int:
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(index)]).generate_state(2, np.uint32)
-    return (int(state[0]) << 31 | int(state[1]) >> 1) & ((1 << 63) - 1)
 
 
 @dataclasses.dataclass
@@ -146,20 +142,22 @@ class NAttack(Attack):
 
     # ------------------------------------------------------------------ public API
 
-    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, first_index: int = 0) -> torch.Tensor:
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                index: torch.Tensor | None = None) -> torch.Tensor:
         """Adversarial examples for (x, y); per-image stats land in ``last_result``."""
-        return self.run(model, x, y, first_index=first_index).x_adv
+        return self.run(model, x, y, index).x_adv
 
-    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, first_index: int = 0) -> NAttackResult:
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+            index: torch.Tensor | None = None) -> NAttackResult:
         """The attack with its per-image statistics.
 
-        Image i draws its noise from a generator seeded by (seed, first_index + i): give the
-        index of x[0] in the data set to make each image's result independent of batching.
+        Image i draws its noise from a generator seeded by (seed, index[i]), its index in the
+        data set, so its result does not depend on batching (``None``: 0..len(x)-1).
         """
         modes = [(m, m.training) for m in model.modules()]  # restored one by one, not recursively
         model.eval()
         try:
-            result = self._run(model, x, y, first_index)
+            result = self._run(model, x, y, example_index(index, len(x)))
         finally:
             for m, training in modes:
                 m.training = training
@@ -201,7 +199,7 @@ class NAttack(Attack):
         return torch.cat([model(x[i : i + per]).argmax(-1) for i in range(0, len(x), per)])
 
     @torch.no_grad()
-    def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, first_index: int) -> NAttackResult:
+    def _run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> NAttackResult:
         device = x.device
         x = x.detach().float()
         y = y.detach().to(device).long()
@@ -222,11 +220,7 @@ class NAttack(Attack):
 
         # The state of the active (not yet broken) images only, compacted as images fall.
         act = torch.nonzero(clean_correct).flatten()
-        gens = []
-        for i in act.tolist():
-            g = torch.Generator(device=device)
-            g.manual_seed(_image_seed(self.seed, first_index + i))
-            gens.append(g)
+        gens = generators(self.seed, index[act.cpu()], device)
         m = len(gens)
         # Official: modify = np.random.randn(1, C, H, W) * 0.001, drawn before anything else.
         mu = torch.empty(m, d, device=device)

@@ -17,7 +17,7 @@ from robench import atomic, checkpoint
 from robench.data import load_dataset
 from robench.errors import UserError
 from robench.evaluate import target_from_run, trained_runs
-from robench.results import Key, Row, Store, canonical, now
+from robench.results import Examples, Key, Row, Store, mean_ci, now, split_digest
 from robench.runtime import Runtime
 from robench.salience import salience_grid, smoothgrad
 from robench.sensitivity import PAPER_POINTS, SWEEPS, loss_sensitivity
@@ -48,17 +48,16 @@ def run_sensitivity(defenses: list[str], workdir: Path, runtime: Runtime, datase
             target = target_from_run(run_dir)
             model = runtime.prepare(target.model).eval()
             x, y = runtime.batch(splits.x_test[:count]), splits.y_test[:count].to(runtime.device)
+            examples = Examples("test", 0, count, split_digest(splits.x_test, splits.y_test))
             todo = [(name, float(v)) for name, values in points.items() for v in values]
             for name, value in tqdm(todo, desc=f"{target.label}: sensitivity", leave=False,
                                     disable=not progress):
-                key = Key(target.sha256, ds, "test", "sensitivity", name, canonical({"value": value}), count, 0)
+                key = Key.make(target.sha256, ds, examples, "sensitivity", name, {"value": value})
                 row = store.get(key)
                 if row is None:
                     t0 = time.perf_counter()
                     norms = loss_sensitivity(model, x, y, name, value, batch_size).numpy().astype(np.float32)
-                    half = 1.959964 * norms.std(ddof=1) / np.sqrt(len(norms)) if len(norms) > 1 else 0.0
-                    mean = float(norms.mean())
-                    row = Row(key, target.label, mean, (mean - half, mean + half), norms,
+                    row = Row(key, target.label, float(norms.mean(dtype=np.float64)), mean_ci(norms), norms,
                               time.perf_counter() - t0, checkpoint.versions(), str(runtime.device), now())
                     store.put(row)
                 rows.append(row)

@@ -2,6 +2,13 @@
 
 Attacks live one per module under ``attacks/`` and register themselves in ``ATTACKS``. The
 dataclass fields are the attack's parameters; ``params()`` is what the results store keys on.
+
+``perturb(model, x, y, index)`` gets the index of every example in its dataset split. Every
+random draw for example ``i`` derives from ``(seed, i)`` (``robench.seeding``), so an outcome
+never depends on the batch: not on ``--batch-size``, a resume point or the torchrun world size.
+An attack whose reference code draws for a whole batch at once (AutoAttack) declares ``unit``:
+it runs on fixed groups of ``unit`` consecutive examples, group ``g`` seeded by ``(seed, g)``,
+and the evaluator aligns its batches to those groups.
 """
 
 from __future__ import annotations
@@ -44,13 +51,24 @@ class Attack:
         return cls(**{**base, **{k: v for k, v in overrides.items() if v is not None}})
 
     def __post_init__(self) -> None:
+        # What the attack itself found suspicious in its last call (e.g. AutoAttack's signs of
+        # gradient masking): an attribute, not a parameter; the evaluator stores it with the result.
+        self.last_warnings: list[str] = []
         if not 0 < self.eps <= 1:
             raise UserError(f"eps must be in (0, 1], got {self.eps}")
 
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
-    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    @property
+    def unit(self) -> int:
+        """Consecutive examples that share random draws; 1 when every draw is per example."""
+        return 1
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                index: torch.Tensor | None = None) -> torch.Tensor:
+        """Adversarial examples for (x, y); ``index``: the examples' indices in their split
+        (``None``: 0..len(x)-1)."""
         raise NotImplementedError
 
 

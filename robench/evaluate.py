@@ -1,11 +1,11 @@
 """Run trained defenses through attacks and store every per-example outcome.
 
-Examples are always the first ``n`` test images in the dataset's order, so results of different
-attacks on one checkpoint line up example by example, and worst-case accuracy (the share of
-examples that survive every attack) is an AND over stored outcomes. Work is done in batches;
-each finished batch is stored at once, so an interrupted evaluation resumes from the batches it
-finished. Batch ``b`` draws its randomness from (seed, b), so a resumed or sharded evaluation
-gives the same per-example outcomes as one uninterrupted run.
+Examples are the first ``n`` test images in the dataset's order, so results of different attacks
+on one checkpoint line up example by example, and worst-case accuracy (the share of examples that
+survive every attack) is an AND over stored outcomes. Every random draw of an attack belongs to
+one example (``robench.attack``), so the batch size, a resume point and the torchrun world size
+never change an outcome. Each finished batch is stored at once as an example range; an
+interrupted evaluation resumes with the examples no range covers, at any batch size.
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from robench.distributed import Dist
 from robench.errors import UserError
 from robench.models import build_model
 from robench.registry import ATTACKS, DATASETS, DEFENSES
-from robench.results import Key, Row, Store, canonical, iter_batches, now, wilson
+from robench.results import Examples, Key, Partial, Row, Store, now, split_digest, wilson, worst_case
 from robench.runtime import Runtime
 
 CLEAN = "clean"
@@ -93,17 +93,21 @@ def trained_runs(defenses: list[str], workdir: Path, dataset: str | None = None)
 
 
 def make_attack(name: str, dataset: str, eps: float | None = None, overrides: dict[str, Any] | None = None,
-                autocast=None) -> Attack:
+                autocast=None, seed: int | None = None) -> Attack:
     """The named attack with the dataset's paper defaults. A user ``eps`` keeps the dataset's
-    step/eps ratio (App. A: step = eps / 4)."""
+    step/eps ratio (App. A: step = eps / 4); ``seed`` is the attack's seed unless the overrides
+    name one."""
     defaults = DATASET_DEFAULTS[dataset]
     if eps is not None:
         if not 0 < eps <= 1:
             raise UserError(f"--eps must be in (0, 1], got {eps}")
         defaults = dataclasses.replace(defaults, eps=eps, step_size=defaults.step_size * eps / defaults.eps)
     cls = ATTACKS.get(name)
-    _check_option_types(name, cls.for_dataset(defaults), overrides or {})
-    attack = cls.for_dataset(defaults, **(overrides or {}))
+    overrides = dict(overrides or {})
+    if seed is not None:
+        overrides.setdefault("seed", seed)
+    _check_option_types(name, cls.for_dataset(defaults), overrides)
+    attack = cls.for_dataset(defaults, **overrides)
     if autocast is not None and hasattr(attack, "autocast"):
         attack.autocast = autocast
     return attack
@@ -128,8 +132,20 @@ def _check_option_types(name: str, reference: Attack, overrides: dict[str, Any])
                             f"e.g. -o {name}.{param}={default!r}".replace("True", "true").replace("False", "false"))
 
 
-def batch_seed(seed: int, batch: int) -> int:
-    return (seed * 1_000_003 + batch * 7_919 + 17) % (2**31 - 1)
+def todo_ranges(covered: np.ndarray, batch_size: int, unit: int = 1) -> list[tuple[int, int]]:
+    """Batches [start, stop) over the examples not yet covered, aligned to groups of ``unit``
+    examples (an attack's randomness unit): a batch holds whole groups, at least one."""
+    n = len(covered)
+    size = max(1, -(-batch_size // unit)) * unit
+    out: list[tuple[int, int]] = []
+    for s in range(0, n, unit):
+        if covered[s:s + unit].all():
+            continue
+        if out and out[-1][1] == s and out[-1][1] - out[-1][0] < size:
+            out[-1] = (out[-1][0], min(n, s + unit))
+        else:
+            out.append((s, min(n, s + unit)))
+    return out
 
 
 def evaluate(
@@ -141,67 +157,68 @@ def evaluate(
     store: Store,
     runtime: Runtime,
     batch_size: int = 256,
-    seed: int = 0,
     progress: bool = True,
     dist: Dist = Dist(),
+    data: str | None = None,
 ) -> Row | None:
     """Evaluate one target under one attack (``None``: clean) on the first ``n`` test images.
 
     Returns the stored row (cached rows are returned as they are). Under torchrun each rank takes
-    every ``world``-th batch; rank 0 gathers the outcomes, stores and returns the row, the other
-    ranks return None.
+    every ``world``-th batch and stores it; rank 0 then assembles and stores the row, the other
+    ranks return None. ``data``: the test split's digest, if the caller computed it already.
     """
     if n > len(splits.x_test):
         raise UserError(f"--n {n} is larger than the {splits.name} test set ({len(splits.x_test)} images)")
     if n <= 0 or batch_size <= 0:
         raise UserError("--n and --batch-size must be positive")
-    params = attack.params() if attack is not None else {}
-    key = Key(target.sha256, target.dataset, "test", "attack", attack_name, canonical(params), n, seed)
+    examples = Examples("test", 0, n, data or split_digest(splits.x_test, splits.y_test))
+    key = Key.make(target.sha256, target.dataset, examples, "attack", attack_name,
+                   attack.params() if attack is not None else {})
     dist.barrier()  # all ranks see the same stored state before rank 0 may write the row
     cached = store.get(key)
     if cached is not None:
         return cached if dist.main else None
-    finished = store.partial(key)
-    model = runtime.prepare(target.model).eval()
-    mine = {b: sl for b, sl in iter_batches(n, batch_size) if b % dist.world == dist.rank}
-    results = {b: finished[b] for b in mine if b in finished}
-    todo = [(b, sl) for b, sl in mine.items() if b not in finished]
+    covered = np.zeros(n, dtype=bool)
+    for part in store.partial(key):
+        covered[part.start:part.stop] = True
+    dist.barrier()  # every rank planned from the same stored ranges before any rank adds one
+    model = target.model.eval()
+    todo = todo_ranges(covered, batch_size, attack.unit if attack is not None else 1)[dist.rank::dist.world]
     bar = tqdm(todo, desc=f"{target.label}: {attack_name}", unit="batch", leave=False, dynamic_ncols=True,
                disable=not progress or not todo or not dist.main)
-    for b, sl in bar:
+    for start, stop in bar:
         t0 = time.perf_counter()
-        x, y = runtime.batch(splits.x_test[sl]), splits.y_test[sl].to(runtime.device)
-        torch.manual_seed(batch_seed(seed, b))
+        x, y = runtime.batch(splits.x_test[start:stop]), splits.y_test[start:stop].to(runtime.device)
+        seen: list[str] = []
         if attack is None:
             x_adv = x
         else:
-            x_adv = dataclasses.replace(attack, seed=batch_seed(seed, b)).perturb(model, x, y)
+            x_adv = attack.perturb(model, x, y, torch.arange(start, stop))
+            seen = list(attack.last_warnings)
             try:  # independent of the attack's own check: never count an invalid example
                 check_adversarial(x_adv, x, attack.eps, attack_name)
             except RuntimeError as e:
                 raise UserError(f"attack {attack_name!r} returned invalid examples, nothing stored: {e}") from None
         with torch.no_grad(), runtime.autocast():
             correct = (model(x_adv).argmax(1) == y).float().cpu().numpy()
-        results[b] = (correct, time.perf_counter() - t0)
-        store.put_partial(key, b, *results[b])
+        store.put_partial(key, Partial(start, stop, correct, time.perf_counter() - t0, seen))
     bar.close()
-    gathered = dist.gather(results)
+    dist.barrier()  # every rank's ranges are stored
     if not dist.main:
         return None
-    done = {b: r for part in gathered for b, r in part.items()}
-    outcomes = np.concatenate([done[b][0] for b, _ in iter_batches(n, batch_size)])
+    outcomes = np.full(n, np.nan, dtype=np.float32)
+    wall, found = 0.0, []
+    for part in store.partial(key):
+        outcomes[part.start:part.stop] = part.outcomes
+        wall += part.wall_s
+        found += [w for w in part.warnings if w not in found]
+    if np.isnan(outcomes).any():
+        raise RuntimeError(f"{attack_name}: examples missing after evaluation (a concurrent writer?)")
     acc = float(outcomes.mean(dtype=np.float64))  # exact k/n, not a float32 rounding of it
-    row = Row(key, target.label, acc, wilson(outcomes.sum(), n), outcomes,
-              sum(w for _, w in done.values()), checkpoint.versions(), str(runtime.device), now())
+    row = Row(key, target.label, acc, wilson(outcomes.sum(dtype=np.float64), n), outcomes, wall,
+              checkpoint.versions(), str(runtime.device), now(), found)
     store.put(row)
     return row
-
-
-def worst_case(rows: list[Row]) -> tuple[float, int]:
-    """Share of the common first examples that every row keeps correct, and how many examples."""
-    m = min(len(r.outcomes) for r in rows)
-    alive = np.logical_and.reduce([r.outcomes[:m] > 0.5 for r in rows])
-    return float(alive.mean()), m
 
 
 @dataclass
@@ -243,6 +260,8 @@ class EvalReport:
             for r in [head, ["-" * w for w in widths], *body]:
                 lines.append("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
             lines.append("")
+        for e in self.entries:  # the attacks' own alarms (e.g. AutoAttack's gradient-masking checks)
+            lines += [f"warning from {e.attack} on {e.label}: {w}" for w in e.row.warnings]
         return "\n".join(lines).rstrip()
 
     def as_dict(self) -> dict:
@@ -254,7 +273,8 @@ class EvalReport:
                 out.append({
                     "defense": label, "dataset": dataset, "eps": eps, "checkpoint": next(iter(rows.values())).key.checkpoint,
                     "results": {a: {"accuracy": r.value, "ci95": list(r.ci), "n": r.key.n,
-                                    "params": json.loads(r.key.params), "wall_s": r.wall_s} for a, r in rows.items()},
+                                    "params": json.loads(r.key.params), "examples": r.key.examples,
+                                    "wall_s": r.wall_s, "warnings": r.warnings} for a, r in rows.items()},
                     "worst_case": {"accuracy": wc, "n": m},
                 })
         return {"results": out}
@@ -305,18 +325,18 @@ def run_eval(
             raise UserError("--checkpoint needs --dataset (the data the model was trained on)")
         sources.append((dataset, None))
     sources += trained_runs(defenses, workdir, dataset)
-    for ds, _ in sources:
-        for eps in eps_list:
-            for a in attacks:
-                make_attack(a, ds, eps, overrides.get(a))
+    built = {(ds, eps, a): make_attack(a, ds, eps, overrides.get(a), runtime.autocast, seed)
+             for ds in dict.fromkeys(ds for ds, _ in sources) for eps in eps_list for a in attacks}
 
     store = Store.in_workdir(workdir)
     splits_cache: dict[str, Splits] = {}
+    digests: dict[str, str] = {}
     entries: list[Entry] = []
     try:
         for ds, run_dir in sources:
             if ds not in splits_cache:
                 splits_cache[ds] = load_dataset(ds, data_dir)
+                digests[ds] = split_digest(splits_cache[ds].x_test, splits_cache[ds].y_test)
             splits = splits_cache[ds]
             if n is not None and n > len(splits.x_test):
                 raise UserError(f"--n {n} is larger than the {ds} test set ({len(splits.x_test)} images)")
@@ -327,14 +347,14 @@ def run_eval(
             model = runtime.maybe_compile(runtime.prepare(target.model))
             target = dataclasses.replace(target, model=model)
             n_clean = n or len(splits.x_test)
-            common = dict(store=store, runtime=runtime, batch_size=batch_size, seed=seed, progress=progress,
-                          dist=dist)
+            common = dict(store=store, runtime=runtime, batch_size=batch_size, progress=progress, dist=dist,
+                          data=digests[ds])
             row = evaluate(target, splits, CLEAN, None, n_clean, **common)
             if row is not None:
                 entries.append(Entry(target.label, ds, None, CLEAN, row))
             for eps in eps_list:
                 for a in attacks:
-                    attack = make_attack(a, ds, eps, overrides.get(a), runtime.autocast)
+                    attack = built[(ds, eps, a)]
                     n_a = n or min(attack.default_n or len(splits.x_test), len(splits.x_test))
                     row = evaluate(target, splits, a, attack, n_a, **common)
                     if row is not None:

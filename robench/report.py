@@ -10,6 +10,7 @@ signs of gradient masking are flagged, never hidden.
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import time
@@ -22,9 +23,9 @@ import numpy as np
 
 from robench import atomic, paper
 from robench.config import DATASET_DEFAULTS
-from robench.evaluate import worst_case
+from robench.errors import UserError
 from robench.plots import BarPanel, LinePanel, bars_figure, lines_figure, rbs_figure
-from robench.results import DB_NAME, Row, Store, wilson
+from robench.results import DB_NAME, Row, Store, canonical, common_examples, on_examples, wilson, worst_case
 from robench.sensitivity import PAPER_POINTS
 from robench.workdir import list_runs
 
@@ -148,11 +149,47 @@ def default_eps(run: Run) -> float:
     return defaults.eps if defaults is not None else float(run.meta["config"]["eps"])
 
 
+@functools.lru_cache(maxsize=None)
+def _default_params(name: str, dataset: str, eps: float | None) -> str | None:
+    from robench.evaluate import make_attack
+
+    try:
+        return canonical(make_attack(name, dataset, eps).params())
+    except UserError:  # an attack no longer registered, or a dataset without defaults
+        return None
+
+
+def differs(row: Row) -> dict:
+    """The parameters in which ``row`` differs from its attack's defaults at its eps ({}: none)."""
+    if row.key.kind != "attack" or row.key.name == "clean":
+        return {}
+    ref = _default_params(row.key.name, row.key.dataset, eps_of(row))
+    if ref is None:
+        return {k: v for k, v in params(row).items() if k != "eps"}
+    ref = json.loads(ref)
+    return {k: v for k, v in params(row).items() if ref.get(k, object()) != v}
+
+
+def is_default(row: Row) -> bool:
+    """Measured at the dataset's default attack parameters (at the row's eps)."""
+    return not differs(row)
+
+
+def setting_text(row: Row) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(differs(row).items()))
+
+
 def attack_row(rows: list[Row], name: str, eps: float | None = None) -> Row | None:
-    """The chosen row of attack ``name`` (``"clean"``: the clean row) at ``eps``."""
+    """The chosen row of attack ``name`` (``"clean"``: the clean row) at ``eps``, at the
+    dataset's default parameters; a row with other parameters is never chosen."""
     matching = [r for r in rows if r.key.kind == "attack" and r.key.name == name and r.key.split == "test"
-                and (name == "clean" or same(eps_of(r), eps))]
+                and (name == "clean" or same(eps_of(r), eps)) and is_default(r)]
     return pick(matching)
+
+
+def other_settings(rows: list[Row]) -> list[Row]:
+    """Attack rows at non-default parameters, which Table 1 and the checks leave out."""
+    return sorted((r for r in rows if r.key.kind == "attack" and not is_default(r)), key=sort_key)
 
 
 def table1_rows(wd: Workdir, dataset: str, defense: str) -> dict[str, Row]:
@@ -169,7 +206,8 @@ def eps_series(rows: list[Row], attack: str) -> dict[float, Row]:
     """The chosen row per eps for one attack."""
     by_eps: dict[float, list[Row]] = defaultdict(list)
     for r in rows:
-        if r.key.kind == "attack" and r.key.name == attack and r.key.split == "test" and eps_of(r) is not None:
+        if (r.key.kind == "attack" and r.key.name == attack and r.key.split == "test" and eps_of(r) is not None
+                and is_default(r)):
             by_eps[round(eps_of(r), 9)].append(r)
     return {eps: pick(group) for eps, group in sorted(by_eps.items())}
 
@@ -228,11 +266,16 @@ def worst(rows: dict[str, Row]) -> tuple[float, int]:
     return worst_case(list(rows.values()))
 
 
-def mean_robust(rows: dict[str, Row]) -> tuple[float | None, list[str]]:
+def mean_robust(rows: dict[str, Row]) -> tuple[float | None, list[str], int]:
+    """Mean accuracy over the attacks in ``rows``, each on the examples common to all of them;
+    returns (mean, attacks averaged, number of common examples)."""
     attacks = [a for a in ATTACK_ORDER if a in rows]
     if not attacks:
-        return None, []
-    return float(np.mean([rows[a].value for a in attacks])), attacks
+        return None, [], 0
+    start, stop = common_examples([rows[a] for a in attacks])
+    if stop == start:
+        return None, attacks, 0
+    return float(np.mean([(on_examples(rows[a], start, stop) > 0.5).mean() for a in attacks])), attacks, stop - start
 
 
 # -- sections -------------------------------------------------------------------------------------
@@ -288,8 +331,20 @@ def table1_for(wd: Workdir, ds: str) -> list[str]:
     lines += md_table(["defense", *(LABELS.get(c, c) for c in columns), "worst case"], body)
     ns = {LABELS.get(c, c): sorted({per[d][c].key.n for d in defenses if c in per[d]}) for c in columns}
     lines += ["Images per column: " + "; ".join(f"{c} n={'/'.join(map(str, n))}" for c, n in ns.items() if n)
-              + ". A dash means not evaluated (see Missing pieces).", ""]
-    return lines + paper_table1(ds, per, eps)
+              + ". All at the dataset's default attack parameters; the worst case is over the first n "
+              "examples common to every column. A dash means not evaluated (see Missing pieces).", ""]
+    return lines + paper_table1(ds, per, eps) + other_settings_table(wd, ds)
+
+
+def other_settings_table(wd: Workdir, ds: str) -> list[str]:
+    """Results at non-default attack parameters: their own rows, labelled with what differs."""
+    body = [[d, LABELS.get(r.key.name, r.key.name), eps_text(eps_of(r)), setting_text(r), str(r.key.n),
+             acc_cell(r.value, r.ci)]
+            for d in wd.defenses(ds) for r in other_settings(wd.results(ds, d))]
+    if not body:
+        return []
+    return ["Other attack settings (not in the table above, nor in the worst case, ablation or checks):", "",
+            *md_table(["defense", "attack", "ε", "differs from the default in", "n", "accuracy %"], body)]
 
 
 def paper_table1(ds: str, per: dict[str, dict[str, Row]], eps: float) -> list[str]:
@@ -342,15 +397,16 @@ def paper_sens(src: str | None, defense: str, transform: str, value: float) -> s
     return f" (paper {numbers[transform][PAPER_POINTS[transform].index(value)]:.2f})"
 
 
-def ablation_data(wd: Workdir, ds: str) -> list[tuple[str, Row | None, float | None, list[str]]]:
-    """(defense, clean row, mean robust accuracy, attacks averaged) along both ablation chains."""
+def ablation_data(wd: Workdir, ds: str) -> list[tuple[str, Row | None, float | None, list[str], int]]:
+    """(defense, clean row, mean robust accuracy, attacks averaged, n of the examples common to
+    them) along both ablation chains."""
     out = []
     for chain in ABLATION_CHAINS:
         for d in chain:
             if (ds, d) in wd.runs:
                 rows = table1_rows(wd, ds, d)
-                robust, attacks = mean_robust(rows)
-                out.append((d, rows.get("clean"), robust, attacks))
+                robust, attacks, m = mean_robust(rows)
+                out.append((d, rows.get("clean"), robust, attacks, m))
     return out
 
 
@@ -358,18 +414,21 @@ def section_ablation(wd: Workdir, out: Path) -> list[str]:
     lines = ["## Ablation (paper §4.4, Fig. 2)", "",
              "pgdat → rbsat-p → rlfat-p and trades → rbsat-t → rlfat-t: the RBSAT models keep the RBS "
              "loss without the transfer term. Average robust accuracy is the mean over the attacks "
-             "listed at the dataset's default ε.", ""]
+             "listed at the dataset's default ε and parameters, each on the same examples: the first n "
+             "common to all of them.", ""]
     panels = []
     for ds in wd.datasets():
         data = ablation_data(wd, ds)
         if not data:
             continue
-        body = [[d, pct(c.value) if c else "—", pct(r) if r is not None else "—", ", ".join(LABELS[a] for a in a_) or "—"]
-                for d, c, r, a_ in data]
-        lines += [f"### {dataset_label(ds)}", ""] + md_table(["defense", "clean", "avg robust", "attacks averaged"], body)
+        body = [[d, pct(c.value) if c else "—", pct(r) if r is not None else "—",
+                 ", ".join(LABELS.get(a, a) for a in a_) or "—", str(m) if a_ else "—"]
+                for d, c, r, a_, m in data]
+        lines += [f"### {dataset_label(ds)}", ""] + md_table(
+            ["defense", "clean", "avg robust", "attacks averaged", "n (common)"], body)
         panels.append(BarPanel(f"Ablation, {dataset_label(ds)}", "accuracy %", [d for d, *_ in data], {
-            "clean": [100 * c.value if c else None for _, c, _, _ in data],
-            "avg robust": [100 * r if r is not None else None for _, _, r, _ in data]}))
+            "clean": [100 * c.value if c else None for _, c, _, _, _ in data],
+            "avg robust": [100 * r if r is not None else None for _, _, r, _, _ in data]}))
     if not panels:
         return lines + ["No ablation-chain defense has been trained yet (see Missing pieces).", ""]
     bars_figure(panels, out / "ablation.png")
@@ -485,15 +544,22 @@ def section_rbs(out: Path, image) -> list[str]:
 
 # -- gradient masking -----------------------------------------------------------------------------
 
-def common_acc(row: Row, m: int) -> float:
-    return float((row.outcomes[:m] > 0.5).mean())
+def common_acc(row: Row, span: tuple[int, int]) -> float:
+    return float((on_examples(row, *span) > 0.5).mean())
 
 
 def masking_checks(wd: Workdir, ds: str, defense: str) -> list[str]:
     """Warnings (lines starting "**warning**") and notes on checks that could not run."""
     rows = wd.results(ds, defense)
     t1 = table1_rows(wd, ds, defense)
-    return black_box_check(t1) + eps_monotone_check(rows) + large_eps_check(rows, ds, defense)
+    return (black_box_check(t1) + eps_monotone_check(rows) + large_eps_check(rows, ds, defense)
+            + attack_warnings(rows))
+
+
+def attack_warnings(rows: list[Row]) -> list[str]:
+    """What the attacks themselves flagged (AutoAttack checks for randomised or masked gradients)."""
+    return [f"**warning** (d) {LABELS.get(r.key.name, r.key.name)} ({result_label(r)}, n={r.key.n}) reported: {w}"
+            for r in rows if r.key.kind == "attack" for w in r.warnings]
 
 
 def black_box_check(t1: dict[str, Row]) -> list[str]:
@@ -504,9 +570,13 @@ def black_box_check(t1: dict[str, Row]) -> list[str]:
                 f"{', '.join(LABELS[a] for a in WHITE_BOX)} at the default ε."]
     out = []
     for b in black:
-        m = min(t1[a].key.n for a in [*white, b])
-        best_white = min(white, key=lambda a: common_acc(t1[a], m))
-        acc_b, acc_w = common_acc(t1[b], m), common_acc(t1[best_white], m)
+        span = common_examples([t1[a] for a in [*white, b]])
+        m = span[1] - span[0]
+        if m == 0:
+            out.append(f"(a) black-box vs white-box not checked: {LABELS[b]} and the white-box attacks share no examples.")
+            continue
+        best_white = min(white, key=lambda a: common_acc(t1[a], span))
+        acc_b, acc_w = common_acc(t1[b], span), common_acc(t1[best_white], span)
         if acc_b < acc_w - MASKING_POINTS / 100:
             out.append(f"**warning** (a) black-box {LABELS[b]} accuracy {pct(acc_b)}% is below white-box "
                        f"{LABELS[best_white]} {pct(acc_w)}% on the first {m} images: the gradients may "
@@ -561,7 +631,9 @@ def large_eps_command(ds: str, defense: str) -> str:
 def section_masking(wd: Workdir) -> list[str]:
     lines = ["## Gradient-masking checks", "",
              "(a) black-box accuracy more than 1 point below white-box; (b) accuracy rising with ε by "
-             f"more than 1 point; (c) more than {pct(LARGE_EPS_MAX_ACC)}% accuracy at ε ≥ {LARGE_EPS:g}.", ""]
+             f"more than 1 point; (c) more than {pct(LARGE_EPS_MAX_ACC)}% accuracy at ε ≥ {LARGE_EPS:g}; "
+             "(d) a warning an attack raised itself (AutoAttack's checks). (a)-(c) use results at the "
+             "default attack parameters only.", ""]
     if not wd.runs:
         return lines + ["No runs; nothing to check.", ""]
     for ds in wd.datasets():
@@ -661,7 +733,9 @@ def result_label(row: Row) -> str:
     p = params(row)
     if row.key.kind == "sensitivity":
         return f"{row.key.name} {p.get('value')}"
-    return row.key.name if "eps" not in p else f"{row.key.name} ε={eps_text(float(p['eps']))}"
+    label = row.key.name if "eps" not in p else f"{row.key.name} ε={eps_text(float(p['eps']))}"
+    other = setting_text(row)
+    return f"{label} ({other})" if other else label
 
 
 def section_provenance(wd: Workdir) -> list[str]:

@@ -12,9 +12,9 @@ from safetensors.torch import save_file
 from robench import checkpoint
 from robench.attack import BALL_TOL
 from robench.errors import UserError
-from robench.evaluate import make_attack, run_eval, target_from_file, target_from_run, worst_case
+from robench.evaluate import make_attack, run_eval, target_from_file, target_from_run
 from robench.registry import ATTACKS
-from robench.results import Key, Row, Store, wilson
+from robench.results import Examples, Key, Partial, Row, Store, wilson, worst_case
 from robench.runtime import Runtime
 from robench.workdir import find_run
 
@@ -65,7 +65,7 @@ def test_pgd_agrees_with_torchattacks(trained_workdir, digits):
 def test_a_broken_attack_is_caught(trained_workdir, digits, monkeypatch):
     """The evaluator checks the eps-ball itself; an attack that leaves it yields an error, no row."""
     pgd_cls = ATTACKS["pgd"]
-    monkeypatch.setattr(pgd_cls, "perturb", lambda self, model, x, y: (x + 2 * self.eps).clamp(0, 1))
+    monkeypatch.setattr(pgd_cls, "perturb", lambda self, model, x, y, index=None: (x + 2 * self.eps).clamp(0, 1))
     with pytest.raises(UserError, match="left the eps-ball"):
         run_eval(["standard"], ["pgd"], trained_workdir, CPU, n=32, progress=False)
     with Store.in_workdir(trained_workdir) as store:
@@ -169,10 +169,16 @@ def test_pickle_with_code_is_refused_without_running_it(tmp_path, digits):
 
 
 def test_worst_case_is_the_and_of_outcomes():
-    def row(vals):
-        k = Key("c", "d", "test", "attack", "x", "{}", len(vals), 0)
+    def row(vals, start=0):
+        k = Key.make("c", "d", Examples("test", start, start + len(vals), "data"), "attack", "x", {})
         return Row(k, "d", float(np.mean(vals)), None, np.array(vals, dtype=np.float32), 0, {}, "cpu", "")
     assert worst_case([row([1, 1, 0, 1]), row([1, 0, 1, 1]), row([1, 1, 1, 1, 0, 0])]) == (0.5, 4)
+    # examples 2..5 are the common ones: [0, 1, 1, 1] & [1, 1, 0, 0] & [1, 1, 1, 1]
+    assert worst_case([row([1, 1, 0, 1, 1, 1]), row([1, 1, 0, 0], start=2), row([1, 1, 1, 1], start=2)]) == (0.25, 4)
+    other = Row(Key.make("c", "d", Examples("test", 0, 4, "other"), "attack", "x", {}), "d", 1.0, None,
+                np.ones(4, np.float32), 0, {}, "cpu", "")
+    with pytest.raises(ValueError, match="different example sets"):
+        worst_case([row([1, 1, 1, 1]), other])
 
 
 def test_wilson_interval():
@@ -184,8 +190,8 @@ def test_wilson_interval():
 def _writer(path, start, count):
     store = Store(path)
     for i in range(start, start + count):
-        k = Key(f"ck{i}", "digits", "test", "attack", "pgd", "{}", 3, 0)
-        store.put_partial(k, 0, np.ones(3, np.float32), 0.1)
+        k = Key.make(f"ck{i}", "digits", Examples("test", 0, 3, "data"), "attack", "pgd", {})
+        store.put_partial(k, Partial(0, 3, np.ones(3, np.float32), 0.1))
         store.put(Row(k, "x", 1.0, (0.5, 1.0), np.ones(3, np.float32), 0.1, {}, "cpu", ""))
     store.close()
 

@@ -211,7 +211,7 @@ def test_batched_equals_image_by_image(digits):
     x, y = x[:8], y[:8]
     attack = NAttack(eps=0.15, seed=7, **SMALL)
     batched = attack.run(model, x, y)
-    single = [attack.run(model, x[i : i + 1], y[i : i + 1], first_index=i) for i in range(len(x))]
+    single = [attack.run(model, x[i : i + 1], y[i : i + 1], torch.tensor([i])) for i in range(len(x))]
     assert torch.equal(batched.success, torch.cat([s.success for s in single]))
     assert torch.equal(batched.steps, torch.cat([s.steps for s in single]))
     assert torch.allclose(batched.x_adv, torch.cat([s.x_adv for s in single]), atol=1e-4)

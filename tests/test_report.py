@@ -10,11 +10,11 @@ from torch import nn
 
 from robench import checkpoint, paper
 from robench.config import DATASET_DEFAULTS
-from robench.evaluate import worst_case
+from robench.evaluate import make_attack
 from robench.plots import apply_plan
 from robench.rbs import rbs, rbs_plan
 from robench.report import md_table, write_report
-from robench.results import Key, Row, Store, canonical, wilson
+from robench.results import Examples, Key, Row, Store, wilson, worst_case
 from robench.sensitivity import SWEEPS
 
 N = 200
@@ -42,19 +42,21 @@ def make_run(workdir, defense, dataset, name=None, finished=True, seed=0, saved_
     return meta["files"]["weights"]["sha256"]
 
 
-def put(store, sha, defense, dataset, name, outcomes, eps=0.03, **extra):
+def put(store, sha, defense, dataset, name, outcomes, eps=0.03, warnings=(), **extra):
+    """A stored row as the evaluator writes it: the attack's full parameters at ``eps`` (the
+    dataset's defaults unless ``extra`` changes some)."""
     outcomes = np.asarray(outcomes, dtype=np.float32)
-    params = {} if name == "clean" else {"eps": eps, **extra}
-    key = Key(sha, dataset, "test", "attack", name, canonical(params), len(outcomes), 0)
+    params = {} if name == "clean" else {**make_attack(name, dataset, eps).params(), **extra}
+    key = Key.make(sha, dataset, Examples("test", 0, len(outcomes), "data"), "attack", name, params)
     row = Row(key, defense, float(outcomes.mean()), wilson(outcomes.sum(), len(outcomes)), outcomes, 1.5,
-              {"robench": "0.1.0"}, "cpu", "2024-01-01T00:00:00")
+              {"robench": "0.1.0"}, "cpu", "2024-01-01T00:00:00", list(warnings))
     store.put(row)
     return row
 
 
 def put_sens(store, sha, defense, dataset, transform, value, level):
     norms = np.full(50, level, dtype=np.float32)
-    key = Key(sha, dataset, "test", "sensitivity", transform, canonical({"value": value}), 50, 0)
+    key = Key.make(sha, dataset, Examples("test", 0, 50, "data"), "sensitivity", transform, {"value": value})
     store.put(Row(key, defense, float(level), None, norms, 0.5, {}, "cpu", "2024-01-01T00:00:00"))
 
 
@@ -173,6 +175,45 @@ def test_rbs_plan_describes_the_shuffle_the_figure_shows(shape, k, seed):
     plan = rbs_plan(shape[1], shape[2], k, generator=torch.Generator().manual_seed(seed))
     shuffled = rbs(image[None], k, generator=torch.Generator().manual_seed(seed))[0]
     assert torch.equal(apply_plan(image, plan), shuffled)
+
+
+def section(text, title):
+    return text.split(f"## {title}")[1].split("\n## ")[0]
+
+
+def test_a_non_default_attack_run_never_replaces_the_default_one(workdir, tmp_path):
+    """A later run with other attack parameters (more examples, newer) leaves Table 1, the
+    worst case, the ablation and the checks as they were, and shows up in its own labelled row."""
+    wd, rows = workdir
+    before = write_report(wd, tmp_path / "before").read_text()
+    with Store.in_workdir(wd) as store:
+        sha = rows["pgd"].key.checkpoint
+        weak = put(store, sha, "pgdat", "cifar10", "pgd", np.ones(2 * N), attack_steps=1, step_size=0.01)
+    after = write_report(wd, tmp_path / "after").read_text()
+    for title in ("Accuracy (Table 1 format)", "Ablation", "Gradient-masking checks"):
+        table_before = section(before, title).split("Other attack settings")[0].strip()
+        table_after = section(after, title).split("Other attack settings")[0].strip()
+        assert table_before == table_after, title
+    other = section(after, "Accuracy (Table 1 format)").split("Other attack settings")[1]
+    assert "| pgdat | PGD | 0.03 | attack_steps=1, step_size=0.01 | 400 | " + cell(weak) in other
+    assert "Other attack settings" not in before
+    assert "pgd ε=0.03 (attack_steps=1, step_size=0.01)" in section(after, "Provenance")
+
+
+def test_attack_warnings_and_common_examples(workdir, tmp_path):
+    wd, rows = workdir
+    with Store.in_workdir(wd) as store:
+        sha = rows["pgd"].key.checkpoint
+        aa = put(store, sha, "pgdat", "cifar10", "autoattack", np.ones(50), warnings=["Square beat APGD: masking?"])
+    text = write_report(wd, tmp_path / "out").read_text()
+    masking = section(text, "Gradient-masking checks")
+    assert "**warning** (d) AutoAttack (autoattack ε=0.03, n=50) reported: Square beat APGD: masking?" in masking
+    # The ablation averages PGD, CW, N-attack and AutoAttack on the 50 examples they share.
+    attacks = ("pgd", "cw", "nattack")
+    mean = np.mean([(rows[a].outcomes[:50] > 0.5).mean() for a in attacks] + [1.0])
+    ablation = section(text, "Ablation")
+    assert f"| pgdat | {100 * rows['clean'].value:.1f} | {100 * mean:.1f} | PGD, CW, N-attack, AutoAttack | 50 |" in ablation
+    assert aa.key.n == 50
 
 
 def test_md_table_escapes_pipes():

@@ -1,0 +1,122 @@
+"""Stored outcomes do not depend on how they were computed: not on --batch-size, not on where an
+evaluation was interrupted and resumed, and the attack's seed is honoured. (The torchrun world
+size is covered in test_distributed.py.)"""
+
+import shutil
+import sqlite3
+
+import numpy as np
+import pytest
+import torch
+
+from robench.errors import UserError
+from robench.evaluate import make_attack, run_eval, todo_ranges
+from robench.registry import ATTACKS
+from robench.results import Store
+from robench.runtime import Runtime
+
+CPU = Runtime.create("cpu")
+N = 40
+# Cheap settings of every attack; AutoAttack with a small group so that batch boundaries at 7
+# and 64 cut through groups unless the evaluator aligns them.
+CHEAP = {
+    "pgd": {},
+    "cw": {},
+    "nattack": {"population": 20, "iterations": 20, "check_every": 5},
+    "autoattack": {"version": "custom", "attacks": "apgd-ce", "group": 16},
+}
+
+
+def workdir_with_runs(trained_workdir, path):
+    shutil.copytree(trained_workdir / "runs", path / "runs")
+    return path
+
+
+def outcomes(workdir):
+    with Store.in_workdir(workdir) as store:
+        return {r.key.name: r for r in store.rows()}
+
+
+def test_every_registered_attack_is_covered():
+    assert set(CHEAP) == set(ATTACKS), "add the new attack's cheap settings to CHEAP"
+
+
+def test_outcomes_do_not_depend_on_the_batch_size(trained_workdir, tmp_path):
+    stored = {}
+    for bs in (7, 64, N):
+        wd = workdir_with_runs(trained_workdir, tmp_path / f"bs{bs}")
+        run_eval(["pgdat"], list(CHEAP), wd, CPU, n=N, overrides=CHEAP, batch_size=bs, progress=False)
+        stored[bs] = outcomes(wd)
+    assert set(stored[7]) == {"clean", *CHEAP}
+    for name in stored[7]:
+        a, b, c = (stored[bs][name] for bs in (7, 64, N))
+        assert a.key == b.key == c.key  # the batch size is not part of what was measured
+        np.testing.assert_array_equal(a.outcomes, b.outcomes, err_msg=name)
+        np.testing.assert_array_equal(a.outcomes, c.outcomes, err_msg=name)
+    # the attacks do something here, so equality is not trivially all-ones or all-zeros
+    assert 0 < stored[7]["pgd"].value < stored[7]["clean"].value
+
+
+def test_resume_with_another_batch_size_stores_the_uninterrupted_outcomes(trained_workdir, tmp_path, monkeypatch):
+    n = 360
+    whole = workdir_with_runs(trained_workdir, tmp_path / "whole")
+    run_eval(["pgdat"], ["pgd"], whole, CPU, n=n, batch_size=n, progress=False)
+
+    cut = workdir_with_runs(trained_workdir, tmp_path / "cut")
+    real = ATTACKS["pgd"].perturb
+    calls = []
+
+    def dies_after_first_batch(self, model, x, y, index=None):
+        calls.append(len(x))
+        if len(calls) > 1:
+            raise KeyboardInterrupt  # what Ctrl-C or a kill does between two batches
+        return real(self, model, x, y, index)
+
+    monkeypatch.setattr(ATTACKS["pgd"], "perturb", dies_after_first_batch)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(["pgdat"], ["pgd"], cut, CPU, n=n, batch_size=100, progress=False)
+    monkeypatch.setattr(ATTACKS["pgd"], "perturb", real)
+    with Store.in_workdir(cut) as store:
+        parts = store.db.execute("SELECT start, stop FROM partial").fetchall()
+    assert parts == [(0, 100)]  # the first batch was kept
+
+    run_eval(["pgdat"], ["pgd"], cut, CPU, n=n, batch_size=64, progress=False)
+    a, b = outcomes(whole)["pgd"], outcomes(cut)["pgd"]
+    assert a.key == b.key and len(b.outcomes) == n
+    np.testing.assert_array_equal(a.outcomes, b.outcomes)
+    assert b.value == a.value and b.ci == a.ci
+
+
+def test_todo_ranges_cover_what_is_missing_in_whole_groups():
+    covered = np.zeros(10, dtype=bool)
+    covered[0:4] = True
+    assert todo_ranges(covered, 3) == [(4, 7), (7, 10)]
+    assert todo_ranges(covered, 3, unit=4) == [(4, 8), (8, 10)]  # rounded up to whole groups
+    covered[5] = True
+    assert todo_ranges(covered, 100, unit=2) == [(4, 10)]  # a partly done group runs again whole
+
+
+def test_the_attack_seed_is_honoured(digits, trained_workdir):
+    from robench.evaluate import target_from_run
+    from robench.workdir import find_run
+
+    run_dir, _ = find_run(trained_workdir, "pgdat", "digits")
+    model = target_from_run(run_dir).model.eval()
+    x, y = digits.x_test[:16], digits.y_test[:16]
+    idx = torch.arange(16)
+    a0, a0_again = (make_attack("pgd", "digits", seed=0).perturb(model, x, y, idx) for _ in range(2))
+    a7 = make_attack("pgd", "digits", overrides={"seed": 7}).perturb(model, x, y, idx)
+    assert torch.equal(a0, a0_again)
+    assert not torch.equal(a0, a7)
+    # example 3's perturbation is its own: the same whether it runs alone or in a batch
+    alone = make_attack("pgd", "digits", seed=0).perturb(model, x[3:4], y[3:4], idx[3:4])
+    torch.testing.assert_close(alone, a0[3:4], rtol=0, atol=1e-6)
+
+
+def test_a_schema_1_database_is_refused(tmp_path):
+    db = sqlite3.connect(tmp_path / "results.sqlite")
+    db.execute("CREATE TABLE results (id INTEGER PRIMARY KEY, checkpoint TEXT, n INTEGER, seed INTEGER)")
+    db.commit()
+    db.close()
+    with pytest.raises(UserError, match="schema 1.*move the file away"):
+        Store.in_workdir(tmp_path)
