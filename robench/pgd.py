@@ -15,8 +15,6 @@ from typing import Callable
 import torch
 from torch import nn
 
-from robench.seeding import per_example
-
 # loss(logits, x_adv) -> per-example losses to maximise, shape (B,)
 Objective = Callable[[torch.Tensor], torch.Tensor]
 
@@ -35,20 +33,18 @@ class LinfBall:
         return (x - self.eps).clamp_(0, 1), (x + self.eps).clamp_(0, 1)
 
     def start(self, x: torch.Tensor, kind: str, lo: torch.Tensor, hi: torch.Tensor,
-              gens: list[torch.Generator] | None = None) -> torch.Tensor:
-        """The random start; with ``gens`` (one generator per example) each example's draw is
-        its own, independent of the batch it sits in; else the global RNG draws for the batch."""
+              noise: torch.Tensor | None = None) -> torch.Tensor:
+        """The random start. ``noise``: a U[0, 1) draw shaped like x for the uniform start, drawn
+        per example by the caller (evaluation); without it the global RNG draws it (training,
+        which seeds the RNG per step)."""
+        if kind == "uniform":  # Madry et al.: U(-eps, eps)
+            u = noise.to(x.dtype) if noise is not None else torch.rand_like(x)
+            return u.mul_(2 * self.eps).sub_(self.eps).add_(x).clamp_(lo, hi)
+        if kind == "normal":  # TRADES (Zhang et al., official code): x + 0.001 N(0, I)
+            return torch.randn_like(x).mul_(0.001).add_(x).clamp_(lo, hi)
         if kind == "none":
             return x.clone()
-        if kind not in ("uniform", "normal"):
-            raise ValueError(f"unknown PGD start {kind!r}")
-        draw = torch.rand if kind == "uniform" else torch.randn
-        noise = per_example(draw, x.shape[1:], gens, x) if gens is not None else draw(
-            x.shape, device=x.device, dtype=x.dtype)
-        if kind == "uniform":  # Madry et al.: U(-eps, eps)
-            return noise.mul_(2 * self.eps).sub_(self.eps).add_(x).clamp_(lo, hi)
-        # TRADES (Zhang et al., official code): x + 0.001 N(0, I)
-        return noise.mul_(0.001).add_(x).clamp_(lo, hi)
+        raise ValueError(f"unknown PGD start {kind!r}")
 
 
 def pgd(
@@ -60,12 +56,11 @@ def pgd(
     steps: int,
     start: str = "uniform",
     autocast: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
-    gens: list[torch.Generator] | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Maximise ``objective(model(x_adv)).sum()`` over the eps-ball around ``x``.
 
-    ``gens``: one generator per example for the random start (evaluation); without them the
-    global RNG draws it (training, which seeds it per step).
+    ``noise``: the uniform start's U[0, 1) draw, per example (see ``LinfBall.start``).
 
     The model's train/eval mode is left as the caller set it: the defenses choose eval mode
     (default) or train mode (the official code's behaviour) for the inner maximisation.
@@ -73,7 +68,7 @@ def pgd(
     ball = LinfBall(eps)
     x = x.detach()
     lo, hi = ball.bounds(x)
-    x_adv = ball.start(x, start, lo, hi, gens)
+    x_adv = ball.start(x, start, lo, hi, noise)
     for _ in range(steps):
         x_adv.requires_grad_(True)
         with autocast():

@@ -1,13 +1,22 @@
 """Seeds derived from integers, and random draws that belong to one example.
 
-An attack's random draws for example ``i`` come from a generator seeded by ``mix(seed, i)``, so a
-stored outcome does not depend on which other examples shared its batch: any ``--batch-size``,
-any resume point and any torchrun world size give the same per-example result.
+An attack's random draws for example ``i`` depend on ``(seed, i)`` only, so a stored outcome does
+not depend on which other examples shared its batch: any ``--batch-size``, any resume point and
+any torchrun world size give the same per-example result. Two ways to get them:
+
+- ``generators(seed, index)``: one ``torch.Generator`` per example, for attacks that draw many
+  times per example (the N-attack's population noise); building one costs ~10-25 us.
+- ``uniform(seed, index, shape, stream)``: a counter-based draw, vectorised over the batch with
+  no per-example Python work (PGD's random start: 0.15 ms for a batch of 256 digits, where
+  generators cost 6 ms; 4 ms for 256 CIFAR images). Value ``j`` of example ``i`` is
+  a 32-bit integer hash of (seed, stream, i, j), computed in numpy's wrapping uint32 arithmetic,
+  so the numbers are the same on every device and CPU. The hash is the "lowbias32" mixer (Chris
+  Wellons' hash-prospector), applied twice.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -31,14 +40,29 @@ def generators(seed: int, index: Sequence[int] | torch.Tensor, device: torch.dev
     return out
 
 
-def per_example(draw: Callable[..., torch.Tensor], shape: Sequence[int], gens: list[torch.Generator],
-                like: torch.Tensor) -> torch.Tensor:
-    """Stack ``draw(shape, generator=g)`` for each generator: one example's draw each, on
-    ``like``'s device and dtype (float32 draws, then cast, so the numbers do not depend on it)."""
-    out = torch.empty((len(gens), *shape), device=like.device, dtype=torch.float32)
-    for j, g in enumerate(gens):
-        draw(tuple(shape), generator=g, device=like.device, out=out[j])
-    return out.to(like.dtype)
+def _hash32(x: np.ndarray) -> np.ndarray:
+    """lowbias32, in place on uint32 (numpy's uint32 products wrap mod 2**32, as the hash wants)."""
+    x ^= x >> np.uint32(16)
+    x *= np.uint32(0x7FEB352D)
+    x ^= x >> np.uint32(15)
+    x *= np.uint32(0x846CA68B)
+    x ^= x >> np.uint32(16)
+    return x
+
+
+def uniform(seed: int, index: torch.Tensor, shape: Sequence[int], stream: int = 0,
+            device: torch.device | str = "cpu") -> torch.Tensor:
+    """U[0, 1) float32 of shape (len(index), *shape); example ``index[b]``'s values depend only
+    on (seed, stream, index[b]) and the element's position (24-bit resolution, as torch.rand)."""
+    key = mix(seed, stream)
+    index = torch.as_tensor(index).reshape(-1).cpu().numpy().astype(np.uint64)
+    k1 = _hash32(((index & 0xFFFFFFFF) ^ np.uint64(key & 0xFFFFFFFF)).astype(np.uint32))
+    k2 = _hash32(k1 ^ np.uint32(key >> 32 & 0xFFFFFFFF))
+    j = np.arange(int(np.prod(shape)), dtype=np.uint32)
+    x = _hash32(j[None, :] ^ k1[:, None])
+    x ^= k2[:, None]
+    u = (_hash32(x) >> np.uint32(8)).astype(np.float32) * np.float32(2.0 ** -24)
+    return torch.from_numpy(u.reshape(len(index), *shape)).to(device)
 
 
 def example_index(index: torch.Tensor | None, n: int) -> torch.Tensor:

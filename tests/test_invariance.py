@@ -120,3 +120,23 @@ def test_a_schema_1_database_is_refused(tmp_path):
     db.close()
     with pytest.raises(UserError, match="schema 1.*move the file away"):
         Store.in_workdir(tmp_path)
+
+
+def test_counter_based_uniform_is_per_example_and_uniform():
+    from robench.seeding import uniform
+
+    u = uniform(3, torch.arange(1000, 1512), (3, 8, 8))
+    assert u.shape == (512, 3, 8, 8) and u.dtype == torch.float32
+    assert 0 <= u.min() and u.max() < 1
+    # an example's draw is its own: the same alone, in another batch, or on another stream not
+    assert torch.equal(uniform(3, torch.tensor([1007]), (3, 8, 8))[0], u[7])
+    assert not torch.equal(uniform(3, torch.tensor([1007]), (3, 8, 8), stream=1)[0], u[7])
+    assert not torch.equal(uniform(4, torch.tensor([1007]), (3, 8, 8))[0], u[7])
+    # histogram: 10 bins of 98,304 draws each within 5 standard deviations of uniform
+    counts = torch.histc(u, bins=10, min=0, max=1)
+    expected = u.numel() / 10
+    assert (counts - expected).abs().max() < 5 * (expected * 0.9) ** 0.5
+    # neighbouring examples and neighbouring pixels are uncorrelated
+    flat = u.reshape(512, -1) - 0.5
+    assert abs(float((flat[:-1] * flat[1:]).mean())) < 0.002
+    assert abs(float((flat[:, :-1] * flat[:, 1:]).mean())) < 0.002
