@@ -4,6 +4,7 @@ against torchattacks' re-implementation, on one adversarially trained small CNN.
 Run from the repository root (about 5-8 minutes on 2 CPU cores):
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/autoattack_crosscheck.py   # writes benchmarks/results/autoattack_crosscheck.md
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/autoattack_crosscheck.py --quick --out /tmp/a.md   # seconds
 
 It trains ``small-cnn`` on scikit-learn's 8x8 digits with PGD adversarial training (eps 0.1,
 step 0.025, 10 steps; Adam 1e-3, batch 64; ``--train-steps`` steps), so that robust accuracy is
@@ -36,7 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import cpu_model
+from common import QUICK_NOTE, add_out_args, cpu_model, out_path, parse_args
 from robench.attacks.autoattack import AutoAttack
 from robench.data import load_dataset
 from robench.models import build_model
@@ -44,6 +45,10 @@ from robench.pgd import cross_entropy_objective, pgd
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "autoattack_crosscheck.md"
+# --quick: a few images of a barely trained model at a large eps (seconds), with --matched. Every
+# image falls to the first attack, APGD-CE, so the later ones (which run only on survivors) do no
+# work: this checks the script, tests/test_autoattack.py the attacks.
+QUICK = dict(n=8, train_steps=3, eps=0.3, matched=True)
 
 
 def train(x: torch.Tensor, y: torch.Tensor, steps: int, eps: float, seed: int = 0) -> nn.Module:
@@ -123,7 +128,7 @@ def conclusion(n: int, clean: float, pgd10: float, rows: list, rob_ref: torch.Te
     return text
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--n", type=int, default=200, help="test images (default 200)")
     ap.add_argument("--eps", type=float, default=0.1)
@@ -131,8 +136,9 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--matched", action="store_true",
                     help="also run torchattacks with the reference's settings (slower)")
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
+    add_out_args(ap, RESULTS)
+    args = parse_args(ap, argv, QUICK)
+    out = out_path(args, RESULTS)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     import pyautoattack
     import torchattacks
@@ -166,11 +172,13 @@ def main() -> None:
         rows.append(("torchattacks, components at reference settings (`--matched`)", rob_m, t_m, x_m))
 
     command = (f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')} .venv/bin/python "
-               f"benchmarks/autoattack_crosscheck.py {' '.join(sys.argv[1:])}").rstrip()
+               f"benchmarks/autoattack_crosscheck.py "
+               f"{' '.join(argv if argv is not None else sys.argv[1:])}").rstrip()
     pct = lambda flags: 100.0 * flags.float().mean().item()  # noqa: E731
     lines = [
         "# AutoAttack: reference (pyautoattack) vs torchattacks",
         "",
+        *([QUICK_NOTE, ""] if args.quick else []),
         f"Command: `{command}`",
         "",
         f"Date: {datetime.date.today().isoformat()}. Machine: {machine()}. "
@@ -198,9 +206,9 @@ def main() -> None:
               "## Conclusion", "", conclusion(n, pct(clean), pct(rob_pgd), rows, rob_ref), ""]
     text = "\n".join(lines)
     print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

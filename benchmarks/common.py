@@ -1,12 +1,16 @@
-"""Helpers shared by the benchmark scripts: machine description and interleaved timing."""
+"""Helpers shared by the benchmark scripts: machine description, interleaved timing, and the
+``--quick`` / ``--out`` options every script has."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import platform
+import sys
+import tempfile
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 Times = dict[str, list[float]]
 
@@ -52,3 +56,46 @@ def interleaved(fns: dict[str, Callable[[], object]], reps: int, inner: int = 1,
             out[n].append(acc[n] / inner)
             out_cpu[n].append(cpu[n] / inner)
     return out_cpu, out
+
+
+# --------------------------------------------------------------------------- quick mode
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS_DIR = ROOT / "benchmarks" / "results"
+QUICK_NOTE = ("**QUICK RUN** (`--quick`): tiny sizes, only to check that the script runs end to "
+              "end; none of the numbers below means anything.")
+
+
+def add_out_args(parser: argparse.ArgumentParser, default: Path) -> None:
+    """``--quick`` and ``--out``, the same in every benchmark."""
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny sizes (seconds): checks that the script runs, its numbers mean "
+                        "nothing; writes to --out or a new temporary directory, never to "
+                        "benchmarks/results/")
+    parser.add_argument("--out", type=Path, default=None,
+                        help=f"results file (default: benchmarks/results/{default.name}; with "
+                        "--quick, a file in a new temporary directory)")
+
+
+def parse_args(parser: argparse.ArgumentParser, argv: list[str] | None,
+               quick: dict[str, Any]) -> argparse.Namespace:
+    """Parse; with ``--quick``, ``quick`` replaces the defaults (options given still win)."""
+    args = parser.parse_args(argv)
+    if args.quick:
+        parser.set_defaults(**quick)
+        args = parser.parse_args(argv)
+    return args
+
+
+def out_path(args: argparse.Namespace, default: Path) -> Path:
+    """Where the results go. A quick run never writes under benchmarks/results/: its numbers
+    would replace the committed measurements."""
+    if not args.quick:
+        return args.out or default
+    if args.out is None:
+        return Path(tempfile.mkdtemp(prefix="robench-bench-")) / default.name
+    out = args.out.resolve()
+    if out == RESULTS_DIR or RESULTS_DIR in out.parents:
+        sys.exit(f"--quick does not write under {RESULTS_DIR} (the committed results); "
+                 "give another --out or none")
+    return args.out

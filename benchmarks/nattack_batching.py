@@ -3,6 +3,7 @@
 Run from the repository root (about 3-5 minutes on 2 CPU cores):
 
     .venv/bin/python benchmarks/nattack_batching.py            # writes benchmarks/results/nattack_batching.md
+    .venv/bin/python benchmarks/nattack_batching.py --quick --out /tmp/n.md   # seconds; checks it runs
 
 It trains an undefended CNN on scikit-learn's 8x8 digits for a few seconds, takes the first N test
 images it classifies correctly, and attacks them with the paper's budget (population 300,
@@ -32,11 +33,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from common import cpu_model
-from robench.attacks.nattack import NAttack, _image_seed
+from common import QUICK_NOTE, add_out_args, cpu_model, out_path, parse_args
+from robench.attacks.nattack import NAttack
+from robench.seeding import generators
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "nattack_batching.md"
+# --quick: a few images, a small population and few iterations (seconds); the numbers mean nothing.
+QUICK = dict(n=3, train_steps=20, threads=1, population=20, iterations=20)
 
 
 # --------------------------------------------------------------------------- model and data
@@ -115,7 +119,7 @@ def reference_nattack(model, x, y, eps, seed=0, population=300, sigma=0.1, lr=0.
         if model(x[i : i + 1]).argmax(1).item() != yi:
             success[i] = True
             continue
-        g = torch.Generator().manual_seed(_image_seed(seed, i))
+        (g,) = generators(seed, [i])  # image i's stream, as NAttack draws it
         mu = torch.randn(1, d, generator=g) * 0.001
         w0 = torch.atanh((2 * xi - 1) * (1 - 1e-6))
         for t in range(iterations + 1):
@@ -144,15 +148,20 @@ def reference_nattack(model, x, y, eps, seed=0, population=300, sigma=0.1, lr=0.
 # --------------------------------------------------------------------------- main
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--n", type=int, default=50, help="images attacked")
     ap.add_argument("--arch", default="tiny-cnn", help="robench.models architecture")
     ap.add_argument("--eps", type=float, default=0.1)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--train-steps", type=int, default=400)
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args()
+    ap.add_argument("--population", type=int, default=300, help="the paper's 300")
+    ap.add_argument("--iterations", type=int, default=200, help="T, the paper's 200")
+    ap.add_argument("--check-every", type=int, default=10)
+    add_out_args(ap, RESULTS)
+    args = parse_args(ap, argv, QUICK)
+    out = out_path(args, RESULTS)
+    budget = dict(population=args.population, iterations=args.iterations, check_every=args.check_every)
     torch.manual_seed(0)
     load_before = os.getloadavg()
     t_start = time.perf_counter()
@@ -171,7 +180,7 @@ def main() -> None:
     n = len(xs)
     print(f"{args.arch}: clean test accuracy {acc:.3f} (trained {t_train:.1f}s); attacking {n} images")
 
-    attack = NAttack(eps=args.eps, seed=0)  # population 300, T 200, check every 10: the paper's
+    attack = NAttack(eps=args.eps, seed=0, **budget)  # by default the paper's: 300, T 200, every 10
 
     # Bare forward cost per sample at the batched attack's largest forward: candidate-like inputs
     # (the images plus uniform noise in the ball), timed before, between and after the two runs
@@ -200,7 +209,7 @@ def main() -> None:
 
     t0 = time.perf_counter()
     timed_b = Timed(model).eval()
-    ref_adv, ref_success, ref_queries = reference_nattack(timed_b, xs, ys, args.eps, seed=0)
+    ref_adv, ref_success, ref_queries = reference_nattack(timed_b, xs, ys, args.eps, seed=0, **budget)
     t_loop = time.perf_counter() - t0
     print(f"loop:    {t_loop:.1f}s, success {ref_success.float().mean():.3f}")
     time_forward()
@@ -220,8 +229,12 @@ def main() -> None:
     lines = [
         "# N-attack batching benchmark",
         "",
+        *([QUICK_NOTE, ""] if args.quick else []),
         f"Command: `.venv/bin/python benchmarks/nattack_batching.py --n {args.n} --arch {args.arch} "
-        f"--eps {args.eps} --threads {args.threads}`",
+        f"--eps {args.eps} --threads {args.threads}"
+        + (f" --train-steps {args.train_steps}" if args.train_steps != 400 else "")
+        + "".join(f" --{k.replace('_', '-')} {v}" for k, v in budget.items()
+                  if v != {"population": 300, "iterations": 200, "check_every": 10}[k]) + "`",
         "",
         f"- Date: {datetime.datetime.now().isoformat(timespec='seconds')}",
         f"- Machine: {os.cpu_count()} logical CPUs (`nproc` {subprocess.run(['nproc'], capture_output=True, text=True).stdout.strip()}), "
@@ -231,13 +244,14 @@ def main() -> None:
            if max(load_before[0], load_after[0]) > args.threads + 0.5 else ""),
         f"- Model: undefended `{args.arch}` (robench.models) trained {args.train_steps} Adam steps (1 thread) on "
         f"sklearn digits, clean test accuracy {acc:.3f}; first {n} correctly classified test images",
-        f"- Attack: eps {args.eps}, population 300, sigma 0.1, lr 0.008, T 200, check every 10 "
-        f"(corrected reward); batched forward size {k} images x 300 = {k * 300} samples",
+        f"- Attack: eps {args.eps}, population {args.population}, sigma 0.1, lr 0.008, T {args.iterations}, "
+        f"check every {args.check_every} (corrected reward); batched forward size {k} images x "
+        f"{args.population} = {k * args.population} samples",
         "",
         "| | time / image | success rate | queries (mean) |",
         "|---|---|---|---|",
         f"| (a) batched `NAttack` | {t_batched / n * 1e3:.1f} ms | {res.success_rate:.3f} | {res.queries.float().mean():.0f} |",
-        f"| (b) per-image loop (one forward of 300 per iteration) | {t_loop / n * 1e3:.1f} ms | "
+        f"| (b) per-image loop (one forward of {args.population} per iteration) | {t_loop / n * 1e3:.1f} ms | "
         f"{ref_success.float().mean():.3f} | {ref_queries.float().mean():.0f} |",
         f"| (c) bare forward of (a)'s queries | {t_bare / n * 1e3:.1f} ms | | |",
         "",
@@ -261,8 +275,9 @@ def main() -> None:
     ]
     text = "\n".join(lines)
     print(text)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(text)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text)
+    print(f"wrote {out}")
 
 
 if __name__ == "__main__":

@@ -5,6 +5,7 @@ Run from the repository root (about 2.5 minutes on 2 CPU cores shared with other
 ~4; nearer 4 minutes at load ~6):
 
     .venv/bin/python benchmarks/train_step.py      # writes benchmarks/results/train_step.md
+    .venv/bin/python benchmarks/train_step.py --quick --out /tmp/t.md   # seconds; checks it runs
 
 A step is exactly what ``robench.train.train`` does per step: ``defense.adversarial`` (PGD in
 eval mode), ``defense.loss`` (model in train mode), ``zero_grad``, ``backward``, Adam ``step``.
@@ -44,7 +45,7 @@ from robench.defense import kl, transfer
 from robench.models import build_model, count_params
 from robench.registry import DEFENSES
 
-from common import cpu_model, interleaved, load
+from common import QUICK_NOTE, add_out_args, cpu_model, interleaved, load, out_path, parse_args
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "train_step.md"
@@ -52,6 +53,8 @@ NAMES = ("pgdat", "rlfat-p", "rbsat-p", "trades", "rlfat-t", "rbsat-t")
 PAIRS = (("rlfat-p", "pgdat"), ("rlfat-t", "trades"), ("rbsat-p", "pgdat"), ("rbsat-t", "trades"))
 TARGET = 1.12
 EXPLAIN_ABOVE = 1.15
+# --quick: both configurations on tiny sizes (seconds); the numbers mean nothing.
+QUICK = dict(k=1, batch_a=8, batch_b=2, reps_a=2, reps_b=2, warmup=1, comp_reps=2)
 
 
 def machine_info() -> dict[str, str]:
@@ -213,12 +216,15 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--reps-a", type=int, default=40, help="repetitions, config (a)")
     p.add_argument("--reps-b", type=int, default=14, help="repetitions, config (b)")
     p.add_argument("--inner", type=int, default=1, help="interleaved steps per defense per rep")
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps per defense, config (a)")
+    p.add_argument("--comp-reps", type=int, default=0,
+                   help="repetitions of the component timings (0: 6 for a, 3 for b)")
     p.add_argument("--threads", type=int, default=1,
                    help="torch.set_num_threads (0: torch default); 1 is faster and steadier on a "
                    "shared 2-core machine (benchmarks/pgd_speed.py measures it)")
-    p.add_argument("--out", type=Path, default=RESULTS)
-    args = p.parse_args(argv)
+    add_out_args(p, RESULTS)
+    args = parse_args(p, argv, QUICK)
+    out = out_path(args, RESULTS)
     if args.threads:
         torch.set_num_threads(args.threads)
 
@@ -230,11 +236,11 @@ def main(argv: list[str] | None = None) -> None:
             d = DATASET_DEFAULTS["digits"]
             results.append(run_config("a", args.arch_a or d.arch, (1, 8, 8), args.batch_a or d.batch_size,
                                       args.k or d.attack_steps, d.eps, d.step_size,
-                                      args.reps_a, args.inner, args.warmup, 6))
+                                      args.reps_a, args.inner, args.warmup, args.comp_reps or 6))
         elif c == "b":
             # CIFAR-shaped, the paper's eps 0.03, step 0.0075, 10 steps, batch 32 (App. A).
             results.append(run_config("b", args.wrn, (3, 32, 32), args.batch_b, args.k or 10, 0.03,
-                                      0.0075, args.reps_b, args.inner, 1, 3))
+                                      0.0075, args.reps_b, args.inner, 1, args.comp_reps or 3))
         else:
             p.error(f"unknown config {c!r}")
         print("\n".join(report(results[-1])), flush=True)
@@ -244,6 +250,7 @@ def main(argv: list[str] | None = None) -> None:
     lines = [
         "# Training-step cost: RLFAT vs its baseline",
         "",
+        *([QUICK_NOTE, ""] if args.quick else []),
         f"- command: `{cmd}`",
         f"- date: {datetime.datetime.now().astimezone().isoformat(timespec='seconds')}",
         *[f"- {k}: {v}" for k, v in info.items()],
@@ -260,9 +267,9 @@ def main(argv: list[str] | None = None) -> None:
     for res in results:
         lines += report(res)
     lines += EXPLANATION
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text("\n".join(lines) + "\n")
-    print(f"wrote {args.out}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text("\n".join(lines) + "\n")
+    print(f"wrote {out}")
 
 
 EXPLANATION = [
