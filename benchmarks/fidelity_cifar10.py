@@ -21,11 +21,13 @@ step 0.0075, 10 attack steps, Adam 1e-3 constant, batch 32, random horizontal fl
 eta 0.5 (-P) / 1 (-T), RBS k = 2. The whole 50,000-image training set is used (the runs see less
 than one epoch, so no image repeats).
 
-Test subset: we fix one class-balanced shuffle of the 10,000 test images (seed 0): every
-prefix of 10m images holds m of each class, and every attack runs on a prefix of it, so results
-line up example by example (worst case) and the smaller N-attack / AutoAttack sets are nested in
-the PGD/CW set. robench's result key does not record the subset, so the workdir is this
-benchmark's own (``robench eval`` on it would reuse these rows as if they were the first n).
+Test examples: the whole 10,000-image test split in one fixed class-balanced shuffle (seed 0,
+``robench.data.balanced_test``): every prefix of 10m images holds m of each class, and every
+attack runs on a prefix of it, so results line up example by example (worst case) and the
+smaller N-attack / AutoAttack sets are nested in the PGD/CW set. Every stored result's key names
+its examples (index range and a digest of the reordered split), so these rows can never be taken
+for rows on the folder loader's own order (``robench eval``) or on another order. The workdir is
+the benchmark's own only so that its report holds just this order's results.
 """
 
 from __future__ import annotations
@@ -37,7 +39,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # tiny models on shared cores: th
 import argparse
 import dataclasses
 import json
-import math
 import shutil
 import sys
 import tarfile
@@ -48,6 +49,8 @@ from pathlib import Path
 
 import numpy as np
 
+from robench import paper
+
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ARCHIVE = SHARED_DATA / "cifar10-jpeg.tar.gz"
@@ -57,15 +60,29 @@ OUT = REPO / "benchmarks" / "results" / "fidelity_cifar10"
 MARKER = ".robench-unpacked"
 TIMINGS = "fidelity_timings.json"
 
-MAIN = ["standard", "pgdat", "trades", "rlfat-p", "rlfat-t"]
-ABLATIONS = ["rbsat-p", "rbsat-t"]
-PAPER4 = ["pgdat", "trades", "rlfat-p", "rlfat-t"]
+# The paper's four defenses and Table 1 columns, in its order (robench.paper is plain data).
+PAPER4 = list(paper.TABLE1["cifar10"])
+PAPER_COLUMNS = tuple(paper.TABLE1["cifar10"][PAPER4[0]])
 # RLFAT-T where the paper's prose and the official code differ (robench's defaults first).
 VARIANTS = {
     "rbs-image": dict(rbs_mode="image"),  # a fresh RBS draw per image (prose); default: per batch (code)
     "attack-train": dict(attack_mode="train"),  # x' made in train mode (code); default: eval (TRADES)
 }
-LARGE_EPS = 0.5
+
+
+def defenses(ablations: bool) -> list[str]:
+    """The defenses trained: robench's table order, the RBS-only ablations only if asked."""
+    from robench.report import ABLATION_CHAINS, DEFENSE_ORDER
+
+    skip = set() if ablations else {chain[1] for chain in ABLATION_CHAINS}
+    return [d for d in DEFENSE_ORDER if d not in skip]
+
+
+def sens_columns() -> list[str]:
+    """The loss-sensitivity columns of the paper's Table 2 ("brightness -0.15", ...)."""
+    from robench.sensitivity import PAPER_POINTS
+
+    return [f"{t} {v:g}" for t, values in PAPER_POINTS.items() for v in values]
 
 
 # -- data -------------------------------------------------------------------------------------------
@@ -92,18 +109,6 @@ def unpack(archive: Path, dest: Path, expected_sha: str | None) -> Path:
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
     return dest
-
-
-def balanced_order(y: np.ndarray, seed: int) -> np.ndarray:
-    """A fixed shuffle of the indices in which every prefix of k * classes holds k of each class."""
-    rng = np.random.default_rng(seed)
-    perm = rng.permutation(len(y))
-    rank = np.empty(len(y), dtype=np.int64)
-    for c in np.unique(y):
-        members = perm[y[perm] == c]
-        rank[members] = np.arange(len(members))
-    tiebreak = rng.permutation(len(y))  # shuffles the classes within each round too
-    return np.lexsort((tiebreak, rank))
 
 
 # -- the plan ---------------------------------------------------------------------------------------
@@ -156,21 +161,31 @@ def _init_worker(threads: int) -> None:
 
 
 def _data(plan: Plan):
-    """The full splits and the fixed test subset, loaded once per process."""
+    """The splits, with the whole test split in the fixed class-balanced order, and its digest;
+    loaded once per process."""
     if "splits" not in _STATE:
-        from robench.data import load_dataset
+        from robench.data import balanced_test, load_dataset
+        from robench.results import split_digest
 
-        full = load_dataset("folder", plan.folder)
-        order = balanced_order(full.y_test.numpy(), plan.seed)[:plan.n_test]
-        import torch
+        splits = balanced_test(load_dataset("folder", plan.folder), plan.seed)
+        _STATE["splits"], _STATE["digest"] = splits, split_digest(splits.x_test, splits.y_test)
+    return _STATE["splits"], _STATE["digest"]
 
-        idx = torch.from_numpy(order)
-        test = dataclasses.replace(full, x_test=full.x_test[idx].contiguous(), y_test=full.y_test[idx].contiguous())
-        _STATE["splits"], _STATE["test"] = full, test
-    return _STATE["splits"], _STATE["test"]
+
+def _stored(workdir: Path, checkpoint_sha: str, kind: str) -> int:
+    """How many results of one checkpoint the workdir holds (to tell new work from stored)."""
+    from robench.results import Store
+
+    with Store.in_workdir(workdir) as store:
+        return len(store.rows(checkpoint=checkpoint_sha, kind=kind))
+
+
+def _label(defense: str, variant: str | None) -> str:
+    return f"{defense}{' ' + variant if variant else ''}"
 
 
 def task_train(plan: Plan, defense: str, variant: str | None) -> dict:
+    from robench.checkpoint import META, read_meta
     from robench.runtime import Runtime
     from robench.train import train
     from robench.workdir import runs_dir
@@ -180,11 +195,13 @@ def task_train(plan: Plan, defense: str, variant: str | None) -> dict:
     workdir = plan.workdir_of(variant)
     cfg = plan.train_config(defense, variant)
     name = cfg.default_name()
-    result = train(cfg, workdir, Runtime.create("cpu"), name=name, resume=(runs_dir(workdir) / name).exists(),
+    run_dir = runs_dir(workdir) / name
+    before = read_meta(run_dir)["step"] if (run_dir / META).exists() else 0
+    result = train(cfg, workdir, Runtime.create("cpu"), name=name, resume=run_dir.exists(),
                    splits=splits, progress=False, checkpoint_every=max(1, min(50, plan.steps)),
                    log_every=max(1, min(10, plan.steps)))
-    return {"task": f"train {defense}{' ' + variant if variant else ''}", "wall_s": time.perf_counter() - t0,
-            "train_seconds": result.meta.get("train_seconds")}
+    return {"task": f"train {_label(defense, variant)}", "wall_s": time.perf_counter() - t0,
+            "train_seconds": result.meta.get("train_seconds"), "new": result.meta["step"] - before}
 
 
 def task_eval(plan: Plan, defense: str, variant: str | None, attack_name: str, n: int,
@@ -195,56 +212,43 @@ def task_eval(plan: Plan, defense: str, variant: str | None, attack_name: str, n
     from robench.workdir import find_run
 
     t0 = time.perf_counter()
-    _, test = _data(plan)
+    test, digest = _data(plan)
     workdir = plan.workdir_of(variant)
     run_dir, _ = find_run(workdir, defense, "folder")
     target = target_from_run(run_dir)
     runtime = Runtime.create("cpu")
+    # The attack's own seed (its default, as `robench eval`): every draw is per (seed, example).
     attack = None if attack_name == CLEAN else make_attack(attack_name, "folder", eps,
                                                            plan.overrides.get(attack_name))
-    # N-attack in batches of 10 (it searches all active images of a batch together); AutoAttack in one
-    # batch, since its per-call overhead dominates on a handful of surviving images.
+    # Batch sizes change only the speed, never an outcome: N-attack in batches of 10 (it searches all
+    # active images of a batch together); AutoAttack in one batch, since its per-call overhead
+    # dominates on a handful of surviving images.
     batch = {"nattack": 10, "autoattack": max(1, n)}.get(attack_name, 256)
+    before = _stored(workdir, target.sha256, "attack")
     with Store.in_workdir(workdir) as store:
-        row = evaluate(target, test, attack_name, attack, n, store, runtime, batch_size=batch, seed=0,
-                       progress=False)
-    return {"task": f"{attack_name}{'' if eps is None else f' eps={eps:g}'} n={n} {defense}"
-                    f"{' ' + variant if variant else ''}", "wall_s": time.perf_counter() - t0,
-            "value": row.value}
+        row = evaluate(target, test, attack_name, attack, n, store, runtime, batch_size=batch, progress=False,
+                       data=digest)
+    return {"task": f"{attack_name}{'' if eps is None else f' eps={eps:g}'} n={n} {_label(defense, variant)}",
+            "wall_s": time.perf_counter() - t0, "value": row.value,
+            "new": _stored(workdir, target.sha256, "attack") - before}
 
 
 def task_sensitivity(plan: Plan, defense: str, variant: str | None) -> dict:
-    """``robench.analyze.run_sensitivity`` on our subset: it would take the first n images of the
-    class-ordered test set, so we store rows of the same shape ourselves."""
-    from robench import checkpoint
-    from robench.evaluate import target_from_run
-    from robench.results import Key, Row, Store, canonical, now
-    from robench.sensitivity import PAPER_POINTS, loss_sensitivity
+    """``robench.analyze.run_sensitivity`` at the paper's points on the first n_test images of our
+    test order."""
+    from robench.analyze import run_sensitivity
+    from robench.runtime import Runtime
     from robench.workdir import find_run
 
     t0 = time.perf_counter()
-    _, test = _data(plan)
+    test, _ = _data(plan)
     workdir = plan.workdir_of(variant)
-    run_dir, _ = find_run(workdir, defense, "folder")
-    target = target_from_run(run_dir)
-    model = target.model.eval()
-    count = plan.n_test
-    x, y = test.x_test[:count], test.y_test[:count]
-    with Store.in_workdir(workdir) as store:
-        for name, values in PAPER_POINTS.items():
-            for value in values:
-                key = Key(target.sha256, "folder", "test", "sensitivity", name, canonical({"value": float(value)}),
-                          count, 0)
-                if store.get(key) is not None:
-                    continue
-                t1 = time.perf_counter()
-                norms = loss_sensitivity(model, x, y, name, float(value), 256).numpy().astype(np.float32)
-                half = 1.959964 * norms.std(ddof=1) / np.sqrt(len(norms)) if len(norms) > 1 else 0.0
-                mean = float(norms.mean())
-                store.put(Row(key, target.label, mean, (mean - half, mean + half), norms,
-                              time.perf_counter() - t1, checkpoint.versions(), "cpu", now()))
-    return {"task": f"sensitivity n={count} {defense}{' ' + variant if variant else ''}",
-            "wall_s": time.perf_counter() - t0}
+    sha = find_run(workdir, defense, "folder")[1]["files"]["weights"]["sha256"]
+    before = _stored(workdir, sha, "sensitivity")
+    run_sensitivity([defense], workdir, Runtime.create("cpu"), dataset="folder", n=plan.n_test, progress=False,
+                    splits=test)
+    return {"task": f"sensitivity n={plan.n_test} {_label(defense, variant)}", "wall_s": time.perf_counter() - t0,
+            "new": _stored(workdir, sha, "sensitivity") - before}
 
 
 def _run(task: tuple) -> dict:
@@ -256,6 +260,8 @@ def _run(task: tuple) -> dict:
 
 def eval_tasks(plan: Plan, defense: str, variant: str | None) -> list[tuple]:
     """Longest first, so the two workers finish together."""
+    from robench.report import LARGE_EPS
+
     tasks = []
     if variant is None:
         if plan.n_nattack:
@@ -276,42 +282,49 @@ def log(msg: str) -> None:
 
 
 def execute(plan: Plan) -> None:
-    """Train every run, then evaluate it; a finished run's evaluations start while others train."""
+    """Train every run, then evaluate it; a finished run's evaluations start while others train.
+    Logs one line per task, then how many of them trained or stored anything new."""
     runs = plan.runs()
     # Attack-trained runs first (standard costs ~1/11 of a step), so the tail is short.
     runs.sort(key=lambda r: r[0] == "standard")
     train_tasks = [("train", plan, d, v) for d, v in runs]
+    results: list[dict] = []
+
+    def done(result: dict) -> None:
+        results.append(result)
+        log(f"done {_describe(result)}")
+
     if plan.workers <= 1:
         _init_worker(plan.threads)
         for t in train_tasks:
-            log(f"done {_describe(_run(t))}")
+            done(_run(t))
             for e in eval_tasks(plan, t[2], t[3]):
-                log(f"done {_describe(_run(e))}")
-        return
-    ctx = get_context("spawn")  # no fork of a process that may already hold OpenMP threads
-    with ProcessPoolExecutor(plan.workers, mp_context=ctx, initializer=_init_worker,
-                             initargs=(plan.threads,)) as pool:
-        pending = {pool.submit(_run, t): t for t in train_tasks}
-        while pending:
-            done, _ = wait(pending, return_when=FIRST_COMPLETED)
-            for fut in done:
-                task = pending.pop(fut)
-                result = fut.result()  # an error in a worker stops the benchmark; re-run to resume
-                log(f"done {_describe(result)}")
-                if task[0] == "train":
-                    for e in eval_tasks(plan, task[2], task[3]):
-                        pending[pool.submit(_run, e)] = e
+                done(_run(e))
+    else:
+        ctx = get_context("spawn")  # no fork of a process that may already hold OpenMP threads
+        with ProcessPoolExecutor(plan.workers, mp_context=ctx, initializer=_init_worker,
+                                 initargs=(plan.threads,)) as pool:
+            pending = {pool.submit(_run, t): t for t in train_tasks}
+            while pending:
+                finished, _ = wait(pending, return_when=FIRST_COMPLETED)
+                for fut in finished:
+                    task = pending.pop(fut)
+                    done(fut.result())  # an error in a worker stops the benchmark; re-run to resume
+                    if task[0] == "train":
+                        for e in eval_tasks(plan, task[2], task[3]):
+                            pending[pool.submit(_run, e)] = e
+    fresh = sum(r["new"] > 0 for r in results)
+    log(f"tasks: {fresh} of {len(results)} trained or stored something new "
+        f"({len(results) - fresh} found finished in the workdir)")
 
 
 def _describe(result: dict) -> str:
     extra = f", value {result['value']:.3f}" if "value" in result else ""
-    return f"{result['task']} in {result['wall_s']:.0f} s{extra}"
+    stored = "" if result["new"] else " (finished already)"
+    return f"{result['task']} in {result['wall_s']:.0f} s{extra}{stored}"
 
 
 # -- the summary ------------------------------------------------------------------------------------
-
-PAPER_COLUMNS = ("clean", "pgd", "cw", "nattack")
-COL_LABEL = {"clean": "clean", "pgd": "PGD", "cw": "CW", "nattack": "N-attack", "autoattack": "AutoAttack"}
 
 
 def _rows(workdir: Path) -> tuple[dict, dict]:
@@ -334,22 +347,25 @@ def _rows(workdir: Path) -> tuple[dict, dict]:
 
 def paired_diff(a, b) -> tuple[float, float, float, int]:
     """Mean of a - b over the examples both rows share, with a normal 95% interval (paired)."""
-    m = min(len(a.outcomes), len(b.outcomes))
-    d = a.outcomes[:m].astype(np.float64) - b.outcomes[:m].astype(np.float64)
-    mean = float(d.mean())
-    half = 1.959964 * float(d.std(ddof=1)) / math.sqrt(m) if m > 1 else float("nan")
-    return mean, mean - half, mean + half, m
+    from robench.results import common_examples, mean_ci, on_examples
+
+    start, stop = common_examples([a, b])
+    d = on_examples(a, start, stop).astype(np.float64) - on_examples(b, start, stop).astype(np.float64)
+    m = stop - start
+    mean = float(d.mean()) if m else float("nan")
+    lo, hi = mean_ci(d) if m > 1 else (float("nan"), float("nan"))
+    return mean, lo, hi, m
 
 
 def agreement(ours: dict) -> tuple[list[str], dict]:
     """For each pair of the paper's four defenses and each column, does our ordering match the paper's?"""
-    from robench import paper
+    from robench.report import LABELS, md_table
     from robench.sensitivity import PAPER_POINTS
 
     columns = [c for c in PAPER_COLUMNS if all(c in ours.get(d, {}) for d in PAPER4)]
     sens = [(t, v) for t, vs in PAPER_POINTS.items() for v in vs
             if all(f"{t} {v:g}" in ours.get(d, {}) for d in PAPER4)]
-    head = ["pair (a vs b)", *(COL_LABEL[c] for c in columns), *(f"{t} {v:g}" for t, v in sens)]
+    head = ["pair (a vs b)", *(LABELS[c] for c in columns), *(f"{t} {v:g}" for t, v in sens)]
     body, tally = [], {"agree": 0, "agree_sig": 0, "disagree": 0, "disagree_sig": 0, "tie": 0,
                        "ours_tie": 0, "t1": [0, 0, 0], "t2": [0, 0, 0]}  # per table: agree, sig. agree, scored
     for i, a in enumerate(PAPER4):
@@ -364,7 +380,7 @@ def agreement(ours: dict) -> tuple[list[str], dict]:
                 key = f"{t} {v:g}"
                 cells.append(_cell(paired_diff(ours[a][key], ours[b][key]), gap, 1, "", tally, "t2"))
             body.append([f"{a} vs {b}", *cells])
-    return _md(head, body), tally
+    return md_table(head, body), tally
 
 
 def _cell(diff: tuple, paper_gap: float, scale: float, unit: str, tally: dict, table: str) -> str:
@@ -387,11 +403,6 @@ def _cell(diff: tuple, paper_gap: float, scale: float, unit: str, tally: dict, t
     return f"{mark} {ours} (paper {paper_gap:+.2f})"
 
 
-def _md(head: list[str], body: list[list[str]]) -> list[str]:
-    return ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|",
-            *("| " + " | ".join(r) + " |" for r in body), ""]
-
-
 def ranking(ours: dict, column: str, lower_is_better: bool = False) -> str:
     vals = {d: ours[d][column].value for d in PAPER4 if column in ours.get(d, {})}
     order = sorted(vals, key=lambda d: vals[d], reverse=not lower_is_better)
@@ -399,7 +410,6 @@ def ranking(ours: dict, column: str, lower_is_better: bool = False) -> str:
 
 
 def paper_ranking(column: str) -> str:
-    from robench import paper
     from robench.sensitivity import PAPER_POINTS
 
     if column in PAPER_COLUMNS:
@@ -413,8 +423,10 @@ def paper_ranking(column: str) -> str:
 def variant_table(plan: Plan, main_rows: dict, main_metas: dict) -> list[str]:
     if not plan.variants:
         return ["RLFAT-T variants were not run (`--no-variants`).", ""]
-    cols = ["clean", "pgd", "cw", "brightness -0.15", "brightness 0.15", "gamma 0.8", "gamma 1.2"]
-    head = ["RLFAT-T run", "rbs_mode", "attack_mode", *(COL_LABEL.get(c, c) for c in cols),
+    from robench.report import LABELS, md_table
+
+    cols = ["clean", "pgd", "cw", *sens_columns()]
+    head = ["RLFAT-T run", "rbs_mode", "attack_mode", *(LABELS.get(c, c) for c in cols),
             "Δ PGD vs default (paired)", "train time"]
     body = []
     base = main_rows.get("rlfat-t", {})
@@ -429,7 +441,7 @@ def variant_table(plan: Plan, main_rows: dict, main_metas: dict) -> list[str]:
             r = rows.get(c)
             if r is None:
                 cells.append("—")
-            elif c in COL_LABEL:
+            elif c in LABELS:
                 cells.append(f"{100 * r.value:.1f} [{100 * r.ci[0]:.1f}–{100 * r.ci[1]:.1f}]")
             else:
                 cells.append(f"{r.value:.3f} [{r.ci[0]:.3f}–{r.ci[1]:.3f}]")
@@ -441,11 +453,12 @@ def variant_table(plan: Plan, main_rows: dict, main_metas: dict) -> list[str]:
         secs = (meta or {}).get("train_seconds")
         body.append([label, str(cfg.get("rbs_mode", "?")), str(cfg.get("attack_mode", "?")), *cells, delta,
                      "—" if secs is None else f"{secs:.0f} s"])
-    return _md(head, body)
+    return md_table(head, body)
 
 
 def header(plan: Plan, timings: dict) -> list[str]:
     from robench.models import build_model, count_params
+    from robench.report import LABELS, md_table
 
     ours, metas = _rows(plan.workdir_of(None))
     table_lines, tally = agreement(ours)
@@ -468,16 +481,17 @@ def header(plan: Plan, timings: dict) -> list[str]:
               "not; `?` our interval contains 0, i.e. the order is not resolved at this n; `=` ours is an "
               "exact tie (the same outcome on every image).", "",
               *table_lines]
-    lines += ["### Rankings", "", "| column | ours (n) | paper CIFAR-10 |", "|---|---|---|"]
+    ranks = []
     for c in [*PAPER_COLUMNS, "autoattack"]:
         if all(c in ours.get(d, {}) for d in PAPER4):
             n = ours[PAPER4[0]][c].key.n
-            lines.append(f"| {COL_LABEL[c]} | {ranking(ours, c)} (n={n}) | "
-                         f"{paper_ranking(c) if c in PAPER_COLUMNS else 'not in the paper'} |")
-    for c in ["brightness -0.15", "brightness 0.15", "gamma 0.8", "gamma 1.2"]:
+            ranks.append([LABELS[c], f"{ranking(ours, c)} (n={n})",
+                          paper_ranking(c) if c in PAPER_COLUMNS else "not in the paper"])
+    for c in sens_columns():
         if all(c in ours.get(d, {}) for d in PAPER4):
-            lines.append(f"| loss sensitivity {c} (lower first) | {ranking(ours, c, True)} | {paper_ranking(c)} |")
-    lines += ["", "## Where the paper's prose and the official code differ (RLFAT-T, same budget)", "",
+            ranks.append([f"loss sensitivity {c} (lower first)", ranking(ours, c, True), paper_ranking(c)])
+    lines += ["### Rankings", "", *md_table(["column", "ours (n)", "paper CIFAR-10"], ranks)]
+    lines += ["## Where the paper's prose and the official code differ (RLFAT-T, same budget)", "",
               "robench's defaults: `rbs_mode=\"batch\"` (one RBS draw per batch, as the official code; the "
               "prose reads as per image) and `attack_mode=\"eval\"` (x' made with BatchNorm in eval mode, as "
               "the TRADES code; the official RLFAT code attacks in train mode, which moves BN statistics "
@@ -489,6 +503,8 @@ def header(plan: Plan, timings: dict) -> list[str]:
 
 
 def summary_text(ours: dict, tally: dict) -> list[str]:
+    from robench.report import LABELS
+
     judged = tally["agree"] + tally["agree_sig"] + tally["disagree"] + tally["disagree_sig"]
     if not judged:
         return ["Not enough results yet to compare orderings.", ""]
@@ -518,9 +534,9 @@ def summary_text(ours: dict, tally: dict) -> list[str]:
         ("RLFAT-T vs TRADES (Table 1: RLFAT-T more robust; AutoAttack is not in the paper)", "rlfat-t", "trades",
          ["pgd", "cw", "nattack", "autoattack"], 1),
         ("RLFAT-P vs PGDAT (Table 2: RLFAT-P smoother, lower l)", "rlfat-p", "pgdat",
-         ["brightness -0.15", "brightness 0.15", "gamma 0.8", "gamma 1.2"], -1),
+         sens_columns(), -1),
         ("RLFAT-T vs TRADES (Table 2: RLFAT-T smoother, lower l)", "rlfat-t", "trades",
-         ["brightness -0.15", "brightness 0.15", "gamma 0.8", "gamma 1.2"], -1),
+         sens_columns(), -1),
         ("TRADES vs PGDAT (Table 1: TRADES more robust)", "trades", "pgdat", ["pgd", "cw", "nattack"], 1),
     ]
     for title, a, b, cols, sign in claims:
@@ -528,11 +544,11 @@ def summary_text(ours: dict, tally: dict) -> list[str]:
         for c in cols:
             if c in ours.get(a, {}) and c in ours.get(b, {}):
                 m, lo, hi, n = paired_diff(ours[a][c], ours[b][c])
-                s = 100 if c in COL_LABEL else 1
+                s = 100 if c in LABELS else 1
                 fmt = ".1f" if s == 100 else ".3f"
                 verdict = ("tie" if m == 0 else "as the paper" if m * sign > 0 else "against the paper") + \
                           ("" if lo > 0 or hi < 0 or m == 0 else ", within noise")
-                parts.append(f"{COL_LABEL.get(c, c)} {s * m:+{fmt}} [{s * lo:+{fmt}}, {s * hi:+{fmt}}] "
+                parts.append(f"{LABELS.get(c, c)} {s * m:+{fmt}} [{s * lo:+{fmt}}, {s * hi:+{fmt}}] "
                              f"(n={n}, {verdict})")
         if parts:
             out.append(f"- **{title}**: " + "; ".join(parts) + ".")
@@ -540,6 +556,8 @@ def summary_text(ours: dict, tally: dict) -> list[str]:
 
 
 def scale_section(plan: Plan, n_params: int, metas: dict, timings: dict, total: float) -> list[str]:
+    from robench.report import LARGE_EPS
+
     per_step = {d: m.get("train_seconds", 0) / max(1, m["config"]["steps"]) for d, m in metas.items()}
     phases = timings.get("phases", {})
     if plan.arch == "wrn-10-1":
@@ -563,8 +581,8 @@ def scale_section(plan: Plan, n_params: int, metas: dict, timings: dict, total: 
              "evaluation, Adam 1e-3 constant, batch 32, random horizontal flip, λ 6, η 0.5 (-P) / 1 (-T), RBS k 2; "
              "N-attack population 300, σ 0.1, lr 0.008, 200 iterations; CW κ 50; AutoAttack `standard`. "
              "Nothing was tuned per defense.",
-             f"- Test subset: one fixed class-balanced shuffle of the 10,000 test images (seed 0; the folder "
-             f"loader orders them by class, so the plain first n would be one class). Clean, PGD, CW and loss "
+             f"- Test images: the 10,000 in one fixed class-balanced shuffle (seed 0, "
+             f"`robench.data.balanced_test`: every prefix of 10m images holds m of each class). Clean, PGD, CW and loss "
              f"sensitivity on its first **{plan.n_test}**; AutoAttack on the first **{plan.n_autoattack}**; "
              f"N-attack on the first **{plan.n_nattack}** (each surviving image costs 60,000 queries, ~100 s of "
              f"CPU here; the paper uses 1,500); PGD at ε = {LARGE_EPS:g} (masking check) on the first "
@@ -601,7 +619,6 @@ def measure(plan: Plan, full) -> None:
     from robench.runtime import Runtime
     from robench.train import train
 
-    _STATE["splits"] = full
     per_step = {}
     with tempfile.TemporaryDirectory() as tmp:
         for defense, variant in plan.runs():
@@ -636,7 +653,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archive", type=Path, default=ARCHIVE, help="the CIFAR-10 JPEG archive (default: %(default)s)")
     p.add_argument("--cache", type=Path, default=CACHE / "cifar10-jpeg", help="where to unpack it")
-    p.add_argument("--workdir", type=Path, default=CACHE / "fidelity_cifar10-v2", help="robench workdirs (resumable)")
+    # v3: results keyed by their examples (robench's results schema 2); a v2 workdir's database is refused.
+    p.add_argument("--workdir", type=Path, default=CACHE / "fidelity_cifar10-v3", help="robench workdirs (resumable)")
     p.add_argument("--out", type=Path, default=OUT, help="report folder")
     p.add_argument("--arch", default="wrn-10-1")
     p.add_argument("--steps", type=int, default=250)
@@ -678,7 +696,7 @@ def main(argv: list[str] | None = None) -> int:
     clip = lambda n: min(n, n_total)  # noqa: E731
     plan = Plan(folder=folder, workdir=args.workdir, arch=args.arch, steps=args.steps, n_test=clip(args.n_test),
                 n_nattack=clip(args.n_nattack), n_autoattack=clip(args.n_autoattack),
-                n_large_eps=clip(args.n_large_eps), defenses=MAIN + (ABLATIONS if args.ablations else []),
+                n_large_eps=clip(args.n_large_eps), defenses=defenses(args.ablations),
                 variants=[] if args.no_variants else list(VARIANTS), overrides=overrides,
                 workers=args.workers, threads=args.threads, smoke=args.smoke)
     for k in ("n_test", "n_nattack", "n_autoattack", "n_large_eps"):
@@ -704,6 +722,7 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     from robench.analyze import run_salience
+    from robench.data import balanced_order
     from robench.report import write_report
     from robench.runtime import Runtime
 
@@ -716,7 +735,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for old in args.out.glob("*.png"):
         old.unlink()
-    path = write_report(main_wd, args.out, rbs_image=full.x_test[int(balanced_order(full.y_test.numpy(), 0)[0])])
+    first = int(balanced_order(full.y_test, plan.seed)[0])  # the first image of our test order
+    path = write_report(main_wd, args.out, rbs_image=full.x_test[first])
     phase("salience + report", t0)
     body = path.read_text()
     path.write_text("\n".join(header(plan, timings)) + "\n" + body)

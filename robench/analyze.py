@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 from tqdm import tqdm
 
 from robench import atomic, checkpoint
-from robench.data import load_dataset
+from robench.data import Splits, load_dataset
 from robench.errors import UserError
 from robench.evaluate import target_from_run, trained_runs
 from robench.results import Examples, Key, Row, Store, mean_ci, now, split_digest
@@ -35,20 +35,23 @@ def _check_n(n: int | None, total: int, dataset: str) -> int:
 
 def run_sensitivity(defenses: list[str], workdir: Path, runtime: Runtime, dataset: str | None = None,
                     data_dir: Path | None = None, n: int | None = None, sweep: bool = False,
-                    batch_size: int = 256, progress: bool = True) -> list[Row]:
-    """l(value) = mean_i ||grad_x CE(F; T(x_i), y_i)||_2 at the paper's points (and a sweep)."""
+                    batch_size: int = 256, progress: bool = True, splits: Splits | None = None) -> list[Row]:
+    """l(value) = mean_i ||grad_x CE(F; T(x_i), y_i)||_2 at the paper's points (and a sweep),
+    on the first ``n`` test images. ``splits``: the data of runs on dataset ``splits.name``, as
+    the caller holds it (e.g. ``robench.data.balanced_test``); the key's split digest tells
+    such rows apart from those on the loader's own order. Runs on other datasets load theirs."""
     sources = trained_runs(defenses, workdir, dataset)
     points = {name: sorted(set(PAPER_POINTS[name]) | (set(SWEEPS[name]) if sweep else set()))
               for name in PAPER_POINTS}
     rows = []
     with Store.in_workdir(workdir) as store:
         for ds, run_dir in sources:
-            splits = load_dataset(ds, data_dir)
-            count = _check_n(n, len(splits.x_test), ds)
+            data = splits if splits is not None and splits.name == ds else load_dataset(ds, data_dir)
+            count = _check_n(n, len(data.x_test), ds)
             target = target_from_run(run_dir)
             model = runtime.prepare(target.model).eval()
-            x, y = runtime.batch(splits.x_test[:count]), splits.y_test[:count].to(runtime.device)
-            examples = Examples("test", 0, count, split_digest(splits.x_test, splits.y_test))
+            x, y = runtime.batch(data.x_test[:count]), data.y_test[:count].to(runtime.device)
+            examples = Examples("test", 0, count, split_digest(data.x_test, data.y_test))
             todo = [(name, float(v)) for name, values in points.items() for v in values]
             for name, value in tqdm(todo, desc=f"{target.label}: sensitivity", leave=False,
                                     disable=not progress):

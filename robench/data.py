@@ -12,6 +12,16 @@ Per-dataset hyper-parameters live in ``robench.config.DATASET_DEFAULTS``, not he
 - ``folder``: ``DIR/train/<class>/*.{jpg,jpeg,png,bmp}`` and ``DIR/test/<class>/*``, classes sorted
   by name (the layout of the CIFAR-10 JPEG copy). Decoded once, then cached as uint8 in
   ``cache_dir()/folders/<key>.npz``; the key changes when any file is added, removed or touched.
+
+Subsets and orders (loaders keep their own fixed order; these are opt-in):
+
+- ``subset``: a fixed class-stratified subset of each split (a smaller dataset).
+- ``balanced_order`` / ``balanced_test``: the whole test split in one fixed class-balanced shuffle,
+  in which every prefix of ``k * classes`` images holds ``k`` of each class (while every class has
+  images left). Evaluating "the first n" of it (``robench.evaluate``) is then a balanced sample
+  at every n, and a smaller n is nested in a larger one, so results line up example by example.
+  A reordered split has another ``robench.results.split_digest``, so its results never share
+  keys with those of the loader's own order.
 """
 
 from __future__ import annotations
@@ -350,3 +360,25 @@ def subset(splits: Splits, n_train: int | None = None, n_test: int | None = None
     if te is not None:
         out = replace(out, x_test=splits.x_test[te], y_test=splits.y_test[te])
     return out
+
+
+def balanced_order(y: np.ndarray | torch.Tensor, seed: int = 0) -> np.ndarray:
+    """A fixed shuffle of the indices of labels ``y`` in which every prefix of ``k * classes``
+    indices holds ``k`` of each class (while every class has some left): images are dealt round
+    by round, one per class per round, in a random order within each class and each round."""
+    y = y.numpy() if isinstance(y, torch.Tensor) else np.asarray(y)
+    rng = np.random.default_rng(seed)
+    perm = rng.permutation(len(y))
+    rank = np.empty(len(y), dtype=np.int64)  # the round in which each index is dealt
+    for c in np.unique(y):
+        members = perm[y[perm] == c]
+        rank[members] = np.arange(len(members))
+    tiebreak = rng.permutation(len(y))  # shuffles the classes within each round
+    return np.lexsort((tiebreak, rank))
+
+
+def balanced_test(splits: Splits, seed: int = 0) -> Splits:
+    """``splits`` with its whole test split in ``balanced_order`` (train untouched), so that
+    "the first n test images" is class-balanced at every n."""
+    idx = torch.from_numpy(balanced_order(splits.y_test, seed))
+    return replace(splits, x_test=splits.x_test[idx].contiguous(), y_test=splits.y_test[idx].contiguous())

@@ -41,15 +41,40 @@ class Defense:
         rbs_k: int = 2,
         rbs_mode: str = "batch",
         attack_mode: str = "eval",
+        rbs_exclude_identity: bool = False,
         autocast: Callable[[], contextlib.AbstractContextManager] = AUTOCAST_OFF,
     ) -> None:
         self.eps, self.step_size, self.attack_steps = eps, step_size, attack_steps
         self.lam = self.default_lam if lam is None else lam
         self.eta = self.default_eta if eta is None else eta
         self.rbs_k, self.rbs_mode, self.attack_mode = rbs_k, rbs_mode, attack_mode
+        self.rbs_exclude_identity = rbs_exclude_identity
         self.autocast = autocast
+        # Where RBS draws from: None is torch's global RNG. The training loop gives it a generator
+        # seeded from (seed, step) alone in batch mode, so every torchrun rank applies the same
+        # shuffle to its shard: one draw per global batch, as the official code makes.
+        self.rbs_generator: torch.Generator | None = None
         # Tests replace this with a fixed permutation to check losses by hand.
-        self.rbs: Callable[[torch.Tensor], torch.Tensor] = lambda x: rbs(x, self.rbs_k, self.rbs_mode)
+        self.rbs: Callable[[torch.Tensor], torch.Tensor] = self._rbs
+
+    def _rbs(self, x: torch.Tensor) -> torch.Tensor:
+        return rbs(x, self.rbs_k, self.rbs_mode, exclude_identity=self.rbs_exclude_identity,
+                   generator=self.rbs_generator)
+
+    @classmethod
+    def settings(cls) -> frozenset[str]:
+        """The training settings (``TrainConfig`` fields) that this defense's objective uses; the
+        others have no effect on it, so ``robench train`` refuses them when typed."""
+        used = set()
+        if cls.adversary is not None:
+            used |= {"eps", "step_size", "attack_steps", "attack_mode"}
+        if cls.adversary == "kl" or cls.default_lam:
+            used.add("lam")
+        if cls.default_eta:  # only the RLFAT losses have a transfer term
+            used.add("eta")
+        if cls.uses_rbs:
+            used |= {"rbs_k", "rbs_mode", "rbs_exclude_identity"}
+        return frozenset(used)
 
     def hyperparameters(self) -> dict:
         """What the checkpoint records about this defense's objective."""
@@ -58,7 +83,8 @@ class Defense:
         if self.adversary == "kl" or self.default_lam:
             hp["lam"] = self.lam
         if self.uses_rbs:
-            hp.update(eta=self.eta, rbs_k=self.rbs_k, rbs_mode=self.rbs_mode)
+            hp.update(eta=self.eta, rbs_k=self.rbs_k, rbs_mode=self.rbs_mode,
+                      rbs_exclude_identity=self.rbs_exclude_identity)
         return hp
 
     def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:

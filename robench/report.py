@@ -80,6 +80,7 @@ class Workdir:
     rows: dict[str, list[Row]]  # checkpoint sha256 -> its rows (reported runs only)
     ignored: list[Row] = field(default_factory=list)
     has_db: bool = False
+    digests: dict[str, str] = field(default_factory=dict)  # dataset -> the test split's digest reported
 
     def datasets(self) -> list[str]:
         return sorted({ds for ds, _ in self.runs})
@@ -114,12 +115,20 @@ def load_workdir(workdir: Path) -> Workdir:
     wd.has_db = True
     reported = {run.sha: run for run in runs.values()}
     with Store.in_workdir(workdir) as store:
-        for row in store.rows():
-            run = reported.get(row.key.checkpoint)
-            if run is not None and row.key.dataset == run.dataset:
-                wd.rows.setdefault(run.sha, []).append(row)
-            else:
-                wd.ignored.append(row)
+        rows = store.rows()
+    # One version of each dataset's test split (its digest) per report, the one most results
+    # were measured on, so every comparison is on the same examples.
+    counts: dict[tuple[str, str], int] = defaultdict(int)
+    for row in rows:
+        counts[(row.key.dataset, row.key.data)] += 1
+    digest = {ds: data for (ds, data), _ in sorted(counts.items(), key=lambda kv: kv[1])}
+    for row in rows:
+        run = reported.get(row.key.checkpoint)
+        if run is not None and row.key.dataset == run.dataset and row.key.data == digest[run.dataset]:
+            wd.rows.setdefault(run.sha, []).append(row)
+        else:
+            wd.ignored.append(row)
+    wd.digests = digest
     return wd
 
 
@@ -794,8 +803,12 @@ def ignored_lines(wd: Workdir) -> list[str]:
     groups: dict[tuple, int] = defaultdict(int)
     for r in wd.ignored:
         run = known.get(r.key.checkpoint)
-        why = (f"older or unfinished run `{run.run_dir.name}`" if run else
-               "checkpoint not among this workdir's runs (e.g. `robench eval --checkpoint FILE`)")
+        if r.key.data != wd.digests.get(r.key.dataset, r.key.data):
+            why = f"measured on another version of the {r.key.dataset} test split (digest `{r.key.data}`)"
+        elif run:
+            why = f"older or unfinished run `{run.run_dir.name}`"
+        else:
+            why = "checkpoint not among this workdir's runs (e.g. `robench eval --checkpoint FILE`)"
         groups[(r.defense, r.key.dataset, r.key.checkpoint[:16], why)] += 1
     body = [[d, ds, f"`{sha}`", str(n), why] for (d, ds, sha, why), n in sorted(groups.items())]
     return ["### Results ignored", "", f"{len(wd.ignored)} stored result(s) belong to checkpoints this report "

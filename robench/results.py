@@ -187,25 +187,42 @@ class Store:
                     raise UserError(f"{self.path} is not a robench results database (not SQLite); "
                                     f"move it away or pass another --workdir")
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.db = None
+        deadline = time.monotonic() + 60
+        while self.db is None:
+            try:
+                self.db = self._open()
+            except sqlite3.OperationalError as e:
+                # Switching a new file to WAL needs an exclusive lock, and SQLite reports a busy
+                # peer at once (no busy handler) when two processes open it at the same moment.
+                if "locked" not in str(e) or time.monotonic() > deadline:
+                    raise UserError(f"cannot open results database {self.path}: {e}") from None
+                time.sleep(0.05)
+            except sqlite3.DatabaseError as e:
+                raise UserError(f"cannot open results database {self.path}: {e}") from None
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
         try:
-            self.db = sqlite3.connect(self.path, timeout=60, isolation_level=None)
-            self.db.execute("PRAGMA busy_timeout = 60000")
-            self.db.execute("PRAGMA journal_mode = WAL")
-            with self._transaction():
-                self._check_version()
+            db.execute("PRAGMA busy_timeout = 60000")
+            db.execute("PRAGMA journal_mode = WAL")
+            with _Transaction(db):
+                self._check_version(db)
                 for statement in SCHEMA.split(";"):
                     if statement.strip():
-                        self.db.execute(statement)
-        except sqlite3.DatabaseError as e:
-            raise UserError(f"cannot open results database {self.path}: {e}") from None
+                        db.execute(statement)
+        except BaseException:
+            db.close()
+            raise
+        return db
 
-    def _check_version(self) -> None:
+    def _check_version(self, db: sqlite3.Connection) -> None:
         """Refuse a database of another schema (e.g. robench 0.1's, whose attack outcomes
         depended on the batch size and whose keys did not name the examples)."""
-        version = self.db.execute("PRAGMA user_version").fetchone()[0]
-        tables = {r[0] for r in self.db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
         if not tables:
-            self.db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
+            db.execute(f"PRAGMA user_version = {SCHEMA_VERSION}")
             return
         if version != SCHEMA_VERSION:
             raise UserError(
@@ -260,6 +277,20 @@ class Store:
         cur = self.db.execute("SELECT start, stop, outcomes, wall_s, warnings FROM partial WHERE key=? "
                               "ORDER BY start", (key.token(),))
         return [Partial(a, b, np.frombuffer(o, dtype=np.float32), w, json.loads(ws)) for a, b, o, w, ws in cur]
+
+    def snapshot(self, key: Key) -> tuple[Row | None, list[Partial]]:
+        """The finished row (if another process stored it) and the stored ranges, read in one
+        transaction: a concurrent writer that finishes the row and drops the ranges is seen
+        either before or after, never half-way."""
+        self.db.execute("BEGIN")
+        try:
+            return self.get(key), self.partial(key)
+        finally:
+            self.db.execute("COMMIT")
+
+    def drop_partial(self, key: Key) -> None:
+        with self._transaction():
+            self.db.execute("DELETE FROM partial WHERE key=?", (key.token(),))
 
     def put_partial(self, key: Key, part: "Partial") -> None:
         if len(part.outcomes) != part.stop - part.start:

@@ -5,6 +5,11 @@ Resuming is exact: the batch order and every random draw of step ``s`` (flip, PG
 come from a seed derived from (seed, step), so a run resumed from a checkpoint at step ``s``
 draws exactly what an uninterrupted run would; weights, BatchNorm statistics and Adam's
 moments come from the checkpoint.
+
+Under torchrun the flip and the PGD start are drawn per rank (each rank holds different images),
+but batch-mode RBS has a generator of its own, seeded from (seed, step) alone: every rank applies
+the same shuffle to its shard, so a global batch gets one RBS draw, as in the official code.
+Per-image RBS (``--rbs-mode image``) draws per rank.
 """
 
 from __future__ import annotations
@@ -29,9 +34,10 @@ from robench.models import build_model
 from robench.rbs import MODES as RBS_MODES
 from robench.registry import DEFENSES
 from robench.runtime import Runtime
+from robench.seeding import mix
 from robench.workdir import runs_dir
 from torch.nn.parallel import DistributedDataParallel
-from robench.defense import ATTACK_MODES
+from robench.defense import ATTACK_MODES, Defense
 from robench.distributed import Dist
 
 LOG = "train_log.csv"
@@ -59,6 +65,8 @@ class TrainConfig:
     flip: bool | None = None
     seed: int = 0
     n_train: int | None = None  # train on the first n examples (CPU-scale runs)
+    # RBS never returns its input unchanged (off: the official code, ~27% unchanged at k=2)
+    rbs_exclude_identity: bool = False
 
     def resolved(self) -> "TrainConfig":
         defaults = DATASET_DEFAULTS.get(self.dataset)
@@ -84,6 +92,8 @@ class TrainConfig:
             (self.attack_steps > 0, f"--attack-steps must be positive, got {self.attack_steps}"),
             (self.rbs_k >= 1, f"--rbs-k must be at least 1, got {self.rbs_k}"),
             (self.rbs_mode in RBS_MODES, f"--rbs-mode must be one of {', '.join(RBS_MODES)}"),
+            (isinstance(self.rbs_exclude_identity, bool),
+             f"rbs_exclude_identity must be true or false, got {self.rbs_exclude_identity!r}"),
             (self.attack_mode in ATTACK_MODES, f"--attack-mode must be one of {', '.join(ATTACK_MODES)}"),
             (self.n_train is None or self.n_train > 0, f"--n-train must be positive, got {self.n_train}"),
             (self.lam is None or self.lam >= 0, f"--lam must be non-negative, got {self.lam}"),
@@ -97,9 +107,42 @@ class TrainConfig:
         return f"{self.defense}-{self.dataset}-s{self.seed}"
 
 
+def check_run_name(name: str | None) -> None:
+    """A run name is one plain folder under runs/: no path separator, not '.' or '..', and not
+    hidden (a leading '.': ``robench list`` and ``eval`` would never see the run) nor padded
+    with spaces."""
+    if name is None:
+        return
+    if Path(name).name != name or name in ("", ".", "..") or "/" in name or "\\" in name:
+        raise UserError(f"--name {name!r} must be a plain directory name (no '/', not '..')")
+    if name != name.strip():
+        raise UserError(f"--name {name!r} starts or ends with a space")
+    if name.startswith("."):
+        raise UserError(f"--name {name!r} starts with '.': a hidden run is never listed or evaluated")
+
+
+# Independent random streams of a training run, mixed with (seed, ...) by ``seeding.mix``.
+STEP_STREAM, RBS_STREAM, ORDER_STREAM = 0, 1, 2
+
+
 def step_seed(seed: int, step: int, rank: int = 0) -> int:
-    # Distinct, reproducible streams per (seed, step, rank); any fixed injective-ish mix works.
-    return (seed * 1_000_003 + step * 7_919 + rank * 104_729) % (2**63 - 1)
+    """The global RNG's seed at ``step`` on ``rank`` (flip, PGD start)."""
+    return mix(seed, STEP_STREAM, step, rank)
+
+
+def rbs_seed(seed: int, step: int, rank: int | None = None) -> int:
+    """Seed of step ``step``'s RBS generator. Batch mode passes no rank, so every rank draws the
+    same shuffle; image mode passes its rank."""
+    return mix(seed, RBS_STREAM, step, 0 if rank is None else rank + 1)
+
+
+def seed_step(cfg: TrainConfig, step: int, rank: int, defense: Defense) -> None:
+    """Seed every random draw of training step ``step`` on ``rank``: the global RNG (flip, PGD
+    start) per (seed, step, rank); RBS per (seed, step) in batch mode, per rank in image mode."""
+    torch.manual_seed(step_seed(cfg.seed, step, rank))
+    if defense.rbs_generator is None:
+        defense.rbs_generator = torch.Generator()
+    defense.rbs_generator.manual_seed(rbs_seed(cfg.seed, step, rank if cfg.rbs_mode == "image" else None))
 
 
 class BatchOrder:
@@ -115,7 +158,7 @@ class BatchOrder:
     def indices(self, step: int) -> torch.Tensor:
         epoch, i = divmod(step, self.per_epoch)
         if epoch != self._epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            g = torch.Generator().manual_seed(mix(self.seed, ORDER_STREAM, epoch))
             self._epoch, self._perm = epoch, torch.randperm(self.n, generator=g)
         return self._perm[i * self.batch_size:(i + 1) * self.batch_size]
 
@@ -170,8 +213,7 @@ def train(
         raise UserError("--checkpoint-every and --log-every must be positive")
     if cfg.batch_size % dist.world:
         raise UserError(f"--batch-size {cfg.batch_size} must be divisible by the {dist.world} processes")
-    if name is not None and (Path(name).name != name or name in ("", ".", "..")):
-        raise UserError(f"--name {name!r} must be a plain directory name (no '/', not '..')")
+    check_run_name(name)
     run_dir = runs_dir(workdir) / (name or cfg.default_name())
     start = 0
     existing = (run_dir / checkpoint.META).exists()
@@ -181,12 +223,18 @@ def train(
                         f"pass --resume to continue it or --name to start another")
     if resume and existing:
         saved = checkpoint.read_meta(run_dir)["config"]
-        differ = [k for k, v in dataclasses.asdict(cfg).items() if k != "steps" and saved.get(k) != v]
+        # A setting added after the run was made is compared with its default.
+        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+        differ = [k for k, v in dataclasses.asdict(cfg).items()
+                  if k != "steps" and saved.get(k, defaults.get(k)) != v]
         if differ:
             raise UserError(f"--resume with settings that differ from the run in {run_dir}: {', '.join(differ)}")
 
     splits = splits or load_dataset(cfg.dataset, data_dir)
     x_train, y_train = splits.x_train, splits.y_train
+    if cfg.n_train is not None and cfg.n_train > len(x_train):
+        raise UserError(f"--n-train {cfg.n_train} is larger than the {cfg.dataset} training set "
+                        f"({len(x_train)} examples)")
     if cfg.n_train is not None:
         x_train, y_train = x_train[:cfg.n_train], y_train[:cfg.n_train]
     c, h, w = x_train.shape[1:]
@@ -205,7 +253,8 @@ def train(
     forward = runtime.maybe_compile(forward) if dist.active else attack_forward
     defense = DEFENSES.get(cfg.defense)(
         cfg.eps, cfg.step_size, cfg.attack_steps, lam=cfg.lam, eta=cfg.eta, rbs_k=cfg.rbs_k,
-        rbs_mode=cfg.rbs_mode, attack_mode=cfg.attack_mode, autocast=runtime.autocast)
+        rbs_mode=cfg.rbs_mode, attack_mode=cfg.attack_mode, rbs_exclude_identity=cfg.rbs_exclude_identity,
+        autocast=runtime.autocast)
     order = BatchOrder(len(x_train), cfg.batch_size, cfg.seed)
     base_meta = {
         "defense": cfg.defense, "dataset": cfg.dataset, "arch": cfg.arch, "in_channels": c,
@@ -244,7 +293,7 @@ def train(
     step = start
     try:
         for step in range(start, cfg.steps):
-            torch.manual_seed(step_seed(cfg.seed, step, dist.rank))
+            seed_step(cfg, step, dist.rank, defense)
             idx = order.indices(step)[dist.rank::dist.world].to(runtime.device)
             x, y = x_train[idx], y_train[idx]
             if cfg.flip:

@@ -13,7 +13,16 @@ from robench.errors import UserError
 
 
 def default_workdir() -> Path:
-    return Path(os.environ.get("ROBENCH_WORKDIR", "robench-runs"))
+    """``$ROBENCH_WORKDIR`` (``~`` expanded) or ``./robench-runs``. A set but blank variable is
+    refused rather than read as the current directory."""
+    value = os.environ.get("ROBENCH_WORKDIR")
+    if value is None:
+        return Path("robench-runs")
+    if not value.strip():
+        raise UserError("$ROBENCH_WORKDIR is empty; unset it or set it to a directory")
+    if value != value.strip():
+        raise UserError(f"$ROBENCH_WORKDIR {value!r} starts or ends with a space")
+    return Path(value).expanduser()
 
 
 def runs_dir(workdir: Path) -> Path:

@@ -60,7 +60,7 @@ def test_registered_and_dataset_defaults():
 def test_params_are_json():
     p = AutoAttack(eps=0.1, version="custom", attacks=("apgd-ce", "apgd-t")).params()
     assert json.loads(json.dumps(p)) == {"eps": 0.1, "seed": 0, "version": "custom", "norm": "Linf",
-                                         "attacks": ["apgd-ce", "apgd-t"]}
+                                         "attacks": ["apgd-ce", "apgd-t"], "group": 256}
     # A comma-separated string (command line) is accepted.
     assert AutoAttack(eps=0.1, version="custom", attacks="apgd-ce, square").attacks == ("apgd-ce", "square")
 
@@ -174,4 +174,31 @@ def test_standard_version_small(mlp):
     # At least as strong as its first component alone.
     apgd = AutoAttack(eps=eps, **CHEAP).perturb(model, x, y)
     assert _accuracy(model, x_adv, y) <= _accuracy(model, apgd, y)
-    assert isinstance(attack.last_warnings, list)
+
+
+class Noisy(nn.Module):
+    """A randomised 'defense': fresh noise on the logits at every call."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        out = self.inner(x)
+        return out + 0.5 * torch.randn_like(out)
+
+
+def test_reference_warnings_are_kept_per_run(mlp):
+    """The reference's own gradient-masking checks reach ``last_warnings`` (and through the
+    evaluator the stored row): a randomised model is flagged, a deterministic one is not."""
+    model, x, y = mlp
+    clean = AutoAttack(eps=0.1, **CHEAP)
+    clean.perturb(model, x[:8], y[:8])
+    assert clean.last_warnings == []
+    noisy = AutoAttack(eps=0.1, **CHEAP)
+    noisy.perturb(Noisy(model), x[:8], y[:8])
+    assert any("randomized defense" in w for w in noisy.last_warnings), noisy.last_warnings
+    # Two groups: the warning is reported once, not once per group.
+    grouped = AutoAttack(eps=0.1, group=4, **CHEAP)
+    grouped.perturb(Noisy(model), x[:8], y[:8])
+    assert sum("randomized defense" in w for w in grouped.last_warnings) == 1

@@ -12,6 +12,7 @@ import urllib.request
 import warnings
 from pathlib import Path
 
+import click
 import numpy as np
 import pytest
 import torch
@@ -20,7 +21,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from robench import checkpoint
-from robench.cli import cli
+from robench.cli import cli, is_list_option
 from robench.models import build_model
 
 TINY = ["--arch", "tiny-cnn", "--steps", "20", "--attack-steps", "2", "--no-progress"]
@@ -309,6 +310,110 @@ CASES = [
                              "--dataset", "digits", *EVAL, "--workdir", c.wd], "pass --defense"),
     ("eval-untrained", lambda c: ["eval", "--defense", "trades", *EVAL, "--workdir", c.wd],
      "no trained 'trades' checkpoint"),
+    # lists with a typo: a repeated, empty or blank item is refused, never dropped or merged
+    ("attacks-repeated", lambda c: ["eval", "--defense", "pgdat", "--n", "32", "--attacks", "pgd,pgd", "--workdir", c.wd],
+     "--attacks 'pgd,pgd' names pgd more than once"),
+    ("attacks-empty-item", lambda c: ["eval", "--defense", "pgdat", "--n", "32", "--attacks", "pgd,,cw",
+                                      "--workdir", c.wd], "--attacks 'pgd,,cw' has an empty item"),
+    ("attacks-trailing-comma", lambda c: ["eval", "--defense", "pgdat", "--n", "32", "--attacks", "pgd,",
+                                          "--workdir", c.wd], "has an empty item"),
+    ("attacks-blank-item", lambda c: ["eval", "--defense", "pgdat", "--n", "32", "--attacks", "pgd, ,cw",
+                                      "--workdir", c.wd], "has an empty item"),
+    ("defense-repeated-eval", lambda c: ["eval", "--defense", "pgdat,pgdat", *EVAL, "--workdir", c.wd],
+     "--defense 'pgdat,pgdat' names pgdat more than once"),
+    ("defense-empty-eval", lambda c: ["eval", "--defense", "", *EVAL, "--workdir", c.wd], "--defense is empty"),
+    ("defense-leading-comma", lambda c: ["eval", "--defense", ",pgdat", *EVAL, "--workdir", c.wd],
+     "has an empty item"),
+    ("defense-repeated-sensitivity", lambda c: ["sensitivity", "--defense", "pgdat, pgdat", "--n", "8",
+                                                "--no-progress", "--workdir", c.wd], "names pgdat more than once"),
+    ("defense-empty-item-salience", lambda c: ["salience", "--defense", "pgdat,", "--n-images", "1",
+                                               "--workdir", c.wd], "has an empty item"),
+    ("eps-repeated", lambda c: ["eval", "--defense", "pgdat", *EVAL, "--eps", "0.1,0.10", "--workdir", c.wd],
+     "same radius more than once"),
+    ("eps-empty-item", lambda c: ["eval", "--defense", "pgdat", *EVAL, "--eps", "0.1,", "--workdir", c.wd],
+     "has an empty item"),
+    ("eps-empty", lambda c: ["eval", "--defense", "pgdat", *EVAL, "--eps", "", "--workdir", c.wd], "--eps is empty"),
+    ("eps-nan", lambda c: ["eval", "--defense", "pgdat", *EVAL, "--eps", "nan", "--workdir", c.wd],
+     "expected finite numbers"),
+    ("defense-given-twice", lambda c: ["eval", "--defense", "pgdat", "--defense", "trades", *EVAL,
+                                       "--workdir", c.wd], "--defense is given more than once; give one comma"),
+    ("eps-given-twice", lambda c: ["eval", "--defense", "pgdat", *EVAL, "--eps", "0.1", "--eps", "0.2",
+                                   "--workdir", c.wd], "--eps is given more than once"),
+    ("attacks-given-twice", lambda c: ["eval", "--defense", "pgdat", *EVAL, "--attacks", "cw", "--workdir", c.wd],
+     "--attacks is given more than once"),
+    # attack options that contradict each other
+    ("option-twice", lambda c: ["eval", "--defense", "pgdat", *EVAL, "-o", "pgd.attack_steps=3",
+                                "-o", "pgd.attack_steps=4", "--workdir", c.wd],
+     "pgd.attack_steps is given twice, with different values"),
+    ("option-empty-value", lambda c: ["eval", "--defense", "pgdat", *EVAL, "-o", "pgd.attack_steps=",
+                                      "--workdir", c.wd], "the value is empty"),
+    ("option-spaces", lambda c: ["eval", "--defense", "pgdat", *EVAL, "-o", "pgd. attack_steps=3",
+                                 "--workdir", c.wd], "no spaces around ATTACK.PARAM"),
+    ("option-faithful-contradicted", lambda c: ["eval", "--defense", "pgdat", "--attacks", "nattack", "--n", "4",
+                                                "--faithful", "-o", "nattack.faithful=false", "--workdir", c.wd],
+     "--faithful contradicts -o nattack.faithful=false"),
+    ("option-chunk-contradicted", lambda c: ["eval", "--defense", "pgdat", "--attacks", "nattack", "--n", "4",
+                                             "--nattack-chunk", "2", "-o", "nattack.chunk=4", "--workdir", c.wd],
+     "--nattack-chunk contradicts -o nattack.chunk=4"),
+    ("option-eps-and-eps", lambda c: ["eval", "--defense", "pgdat", *EVAL, "--eps", "0.1", "-o", "pgd.eps=0.2",
+                                      "--workdir", c.wd], "--eps and -o pgd.eps both set the radius"),
+    ("eval-arch-without-checkpoint", lambda c: ["eval", "--defense", "pgdat", *EVAL, "--arch", "small-cnn",
+                                                "--workdir", c.wd], "--arch applies to --checkpoint only"),
+    # paths that cannot mean what the user wanted
+    ("ckpt-is-directory", lambda c: ["eval", "--checkpoint", c.run, "--dataset", "digits", *EVAL, "--workdir", c.wd],
+     "--checkpoint .* is a directory"),
+    ("ckpt-empty-path", lambda c: ["eval", "--checkpoint", "", "--dataset", "digits", *EVAL, "--workdir", c.wd],
+     "--checkpoint is empty"),
+    ("workdir-empty", lambda c: ["train", "pgdat", *TINY, "--workdir", ""], "--workdir is empty"),
+    ("workdir-blank", lambda c: ["eval", "--defense", "pgdat", *EVAL, "--workdir", "  "], "--workdir is empty"),
+    ("workdir-trailing-space", lambda c: ["eval", "--defense", "pgdat", *EVAL, "--workdir", f"{c.wd} "],
+     "starts or ends with a space"),
+    ("workdir-env-empty", lambda c, mp: mp.setenv("ROBENCH_WORKDIR", "") or ["train", "pgdat", *TINY],
+     r"\$ROBENCH_WORKDIR is empty"),
+    ("workdir-is-a-run", lambda c: ["eval", "--defense", "pgdat", *EVAL, "--workdir", c.run], "is a run's folder"),
+    ("workdir-is-runs", lambda c: ["train", "pgdat", *TINY, "--name", "y", "--workdir", c.wd / "runs"],
+     "is the runs/ folder of a workdir"),
+    ("list-workdir-missing", lambda c: ["list", "--workdir", c.tmp / "nowhere"], "nowhere does not exist"),
+    ("report-workdir-missing", lambda c: ["report", "--workdir", c.tmp / "nowhere", "--out", c.tmp / "rep"],
+     "nowhere does not exist"),
+    ("report-out-is-file", lambda c: ["report", "--workdir", c.wd, "--out", c.file("rep.md", b"x")],
+     "--out .*rep.md is a file"),
+    ("report-out-empty", lambda c: ["report", "--workdir", c.wd, "--out", ""], "--out is empty"),
+    ("demo-out-is-file", lambda c: ["demo", "--workdir", c.tmp / "demo-wd", "--out", c.file("demo.md", b"x"),
+                                    "--no-progress"], "--out .*demo.md is a file"),
+    ("data-dir-is-file-folder", lambda c: ["train", "pgdat", "--dataset", "folder", "--data-dir", c.file("d", b"x"),
+                                           *TINY, "--workdir", c.wd], "--data-dir .* is a file"),
+    ("data-dir-is-file-cifar", lambda c: ["train", "pgdat", "--dataset", "cifar10", "--data-dir",
+                                          c.file("d", b"x"), *TINY, "--workdir", c.wd], "--data-dir .* is a file"),
+    ("data-dir-is-file-eval", lambda c: ["eval", "--defense", "pgdat", *EVAL, "--data-dir", c.file("d", b"x"),
+                                         "--workdir", c.wd], "--data-dir .* is a file"),
+    ("data-dir-empty", lambda c: ["train", "pgdat", "--dataset", "cifar10", "--data-dir", "", *TINY,
+                                  "--workdir", c.wd], "--data-dir is empty"),
+    ("data-dir-without-dataset", lambda c: ["train", "pgdat", "--data-dir", c.base / "rgb", *TINY, "--name", "z",
+                                            "--workdir", c.wd], "--data-dir has no effect on the embedded digits"),
+    ("data-dir-digits-run-eval", lambda c: ["eval", "--defense", "pgdat", *EVAL, "--data-dir", c.base / "rgb",
+                                            "--workdir", c.wd], "--data-dir has no effect: pgdat was trained on"),
+    ("data-dir-digits-run-sensitivity", lambda c: ["sensitivity", "--defense", "pgdat", "--n", "8", "--data-dir",
+                                                   c.base / "rgb", "--workdir", c.wd], "--data-dir has no effect"),
+    ("name-hidden", lambda c: ["train", "pgdat", *TINY, "--name", ".x", "--workdir", c.wd], "starts with '.'"),
+    ("name-space", lambda c: ["train", "pgdat", *TINY, "--name", "x ", "--workdir", c.wd],
+     "starts or ends with a space"),
+    ("name-empty", lambda c: ["train", "pgdat", *TINY, "--name", "", "--workdir", c.wd], "plain directory name"),
+    ("name-separator", lambda c: ["train", "pgdat", *TINY, "--name", "a/b", "--workdir", c.wd],
+     "plain directory name"),
+    # training options the defense does not use: they would change only the record
+    ("train-lam-unused", lambda c: ["train", "rlfat-p", *TINY, "--lam", "3", "--workdir", c.wd],
+     "--lam has no effect on rlfat-p"),
+    ("train-eta-unused", lambda c: ["train", "trades", *TINY, "--eta", "1", "--workdir", c.wd],
+     "--eta has no effect on trades"),
+    ("train-rbs-unused", lambda c: ["train", "pgdat", *TINY, "--rbs-mode", "image", "--name", "z",
+                                    "--workdir", c.wd], "--rbs-mode has no effect on pgdat"),
+    ("train-exclude-identity-unused", lambda c: ["train", "trades", *TINY, "--rbs-exclude-identity",
+                                                 "--workdir", c.wd], "--rbs-exclude-identity has no effect"),
+    ("train-attack-unused", lambda c: ["train", "standard", "--arch", "tiny-cnn", "--steps", "5", "--eps", "0.1",
+                                       "--workdir", c.wd], "--eps has no effect on standard"),
+    ("train-n-train-too-big", lambda c: ["train", "pgdat", *TINY, "--n-train", "5000", "--name", "z",
+                                         "--workdir", c.wd], "--n-train 5000 is larger than the digits"),
 ]
 
 
@@ -356,6 +461,7 @@ def test_bad_invocation_is_one_line(setup, expect, base, tmp_path, monkeypatch):
         r = invoke(args)
         assert isinstance(r.exception, SystemExit), repr(r.exception)  # never an uncaught exception
         assert_one_line_error(r.exit_code, r.stdout, r.stderr, expect)
+        assert r.exit_code == 2
         assert r.warnings == []
         assert snapshot(c.wd) == before
         assert tmp_files(tmp_path) == []
@@ -365,8 +471,54 @@ def test_bad_invocation_is_one_line(setup, expect, base, tmp_path, monkeypatch):
             undo()
 
 
-def test_there_are_enough_cases():
-    assert len(CASES) >= 25
+def test_case_ids_are_unique():
+    """pytest would quietly rename a repeated id, and one case could hide another."""
+    ids = [i for i, _, _ in CASES]
+    assert sorted(i for i in set(ids) if ids.count(i) > 1) == []
+
+
+def _prefix(command: str) -> list[str]:
+    """The least a command needs before its options (its required argument or option)."""
+    return {"train": ["train", "pgdat"], "eval": ["eval", "--defense", "pgdat"],
+            "sensitivity": ["sensitivity", "--defense", "pgdat"],
+            "salience": ["salience", "--defense", "pgdat"]}.get(command, [command])
+
+
+PATH_OPTIONS = [(name, p.opts[0]) for name, cmd in sorted(cli.commands.items()) for p in cmd.params
+                if isinstance(p.type, click.Path)]
+LIST_OPTIONS = [(name, p.opts[0]) for name, cmd in sorted(cli.commands.items()) for p in cmd.params
+                if is_list_option(p) or p.name == "defenses"]
+
+
+def test_every_list_and_path_option_is_checked():
+    """The introspection below finds the options the issue names (and any added later)."""
+    assert {("eval", "--attacks"), ("eval", "--eps"), ("eval", "--defense"), ("sensitivity", "--defense"),
+            ("salience", "--defense")} <= set(LIST_OPTIONS)
+    assert {(c, "--workdir") for c in cli.commands} | {("train", "--data-dir"), ("eval", "--checkpoint"),
+                                                        ("report", "--out"), ("demo", "--out")} <= set(PATH_OPTIONS)
+
+
+@pytest.mark.parametrize("command,option", PATH_OPTIONS)
+def test_every_path_option_refuses_an_empty_path(command, option, tmp_path, monkeypatch):
+    """An empty path (an unset shell variable) would mean the current directory: refused."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ROBENCH_WORKDIR", str(tmp_path / "default-wd"))
+    r = invoke([*_prefix(command), option, ""])
+    assert_one_line_error(r.exit_code, r.stdout, r.stderr, f"{option} is empty")
+    assert r.exit_code == 2 and list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize("command,option", LIST_OPTIONS)
+@pytest.mark.parametrize("value,expect", [("pgd,,cw", "has an empty item"), ("a,", "has an empty item"),
+                                          ("0.1,0.1", "more than once"), (" , ", "is empty")])
+def test_every_list_option_refuses_a_typo(command, option, value, expect, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ROBENCH_WORKDIR", str(tmp_path / "default-wd"))
+    base = _prefix(command)
+    args = [*base[:1], *base[3:], option, value] if option == "--defense" else [*base, option, value]
+    r = invoke(args)
+    assert_one_line_error(r.exit_code, r.stdout, r.stderr, expect)
+    assert r.exit_code == 2 and list(tmp_path.iterdir()) == []
 
 
 def test_real_entry_point_prints_one_line(base, tmp_path):
@@ -386,3 +538,13 @@ def test_real_entry_point_prints_one_line(base, tmp_path):
         out, err = p.communicate(timeout=120)
         assert_one_line_error(p.returncode, out, err, expect)
     assert tmp_files(tmp_path) == [] and tmp_files(base) == []
+
+
+@pytest.mark.parametrize("command,option", LIST_OPTIONS)
+def test_every_list_option_given_twice_is_refused(command, option, tmp_path, monkeypatch):
+    """``--defense a --defense b`` means both to the user; click would keep only b."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("ROBENCH_WORKDIR", str(tmp_path / "default-wd"))
+    r = invoke([command, option, "a", option, "b", *(["--defense", "pgdat"] if option != "--defense" else [])])
+    assert_one_line_error(r.exit_code, r.stdout, r.stderr, f"{option} is given more than once")
+    assert r.exit_code == 2 and list(tmp_path.iterdir()) == []

@@ -151,6 +151,52 @@ def test_attack_mode_controls_batchnorm_statistics(mode, moves):
 def test_hyperparameters_record_what_matters():
     hp = DEFENSES["rlfat-t"](0.03, 0.0075, 10, rbs_mode="image").hyperparameters()
     assert hp == {"eps": 0.03, "step_size": 0.0075, "attack_steps": 10, "attack_mode": "eval",
-                  "lam": 6.0, "eta": 1.0, "rbs_k": 2, "rbs_mode": "image"}
+                  "lam": 6.0, "eta": 1.0, "rbs_k": 2, "rbs_mode": "image", "rbs_exclude_identity": False}
+    hp = DEFENSES["rlfat-p"](0.03, 0.0075, 10, rbs_exclude_identity=True).hyperparameters()
+    assert hp["rbs_exclude_identity"] is True and hp["rbs_mode"] == "batch"
     assert "eta" not in DEFENSES["pgdat"](0.03, 0.0075, 10).hyperparameters()
     assert isinstance(DEFENSES["pgdat"](0.03, 0.0075, 10), Defense)
+
+
+@pytest.mark.parametrize("mode", ["batch", "image"])
+def test_rbs_exclude_identity_never_returns_the_batch_unchanged(mode):
+    """With the option, no draw leaves an 8x8 input as it was (per batch, and per image in image
+    mode); without it, the official code's behaviour, some draws do (about 27% at k=2)."""
+    torch.manual_seed(0)
+    x = torch.arange(4 * 64, dtype=torch.float32).reshape(4, 1, 8, 8)  # every pixel distinct
+    on = DEFENSES["rlfat-p"](0.1, 0.025, 3, rbs_mode=mode, rbs_exclude_identity=True)
+    off = DEFENSES["rlfat-p"](0.1, 0.025, 3, rbs_mode=mode)
+    for d in (on, off):
+        d.rbs_generator = torch.Generator().manual_seed(1)
+
+    def unchanged(d):
+        out = d.rbs(x)
+        return sum(torch.equal(out[i], x[i]) for i in range(len(x)))
+
+    assert sum(unchanged(on) for _ in range(300)) == 0
+    assert sum(unchanged(off) for _ in range(300)) > 100
+
+
+def test_rbs_draws_from_the_defenses_generator():
+    """The same generator state gives the same shuffle; the global RNG plays no part."""
+    x = torch.rand(2, 1, 8, 8)
+    d = DEFENSES["rlfat-t"](0.1, 0.025, 3)
+    d.rbs_generator = torch.Generator().manual_seed(5)
+    torch.manual_seed(0)
+    a = d.rbs(x)
+    d.rbs_generator = torch.Generator().manual_seed(5)
+    torch.manual_seed(1)
+    assert torch.equal(a, d.rbs(x))
+
+
+def test_settings_name_what_each_objective_uses():
+    s = {name: DEFENSES[name].settings() for name in DEFENSES.names()}
+    rbs = {"rbs_k", "rbs_mode", "rbs_exclude_identity"}
+    attack = {"eps", "step_size", "attack_steps", "attack_mode"}
+    assert s["standard"] == set()
+    assert s["pgdat"] == attack
+    assert s["trades"] == attack | {"lam"}
+    assert s["rbsat-p"] == attack | rbs
+    assert s["rlfat-p"] == attack | rbs | {"eta"}
+    assert s["rbsat-t"] == attack | rbs | {"lam"}
+    assert s["rlfat-t"] == attack | rbs | {"lam", "eta"}

@@ -1,10 +1,12 @@
-"""benchmarks/fidelity_cifar10.py: it skips cleanly without its data, and its whole pipeline
-(unpack, train, evaluate on the shuffled subset, sensitivity, report + summary) runs in --smoke
-mode on a tiny synthetic archive."""
+"""benchmarks/fidelity_cifar10.py: it skips cleanly without its data, its whole pipeline
+(unpack, train, evaluate on the class-balanced test order, sensitivity, report + summary) runs in
+--smoke mode on a tiny synthetic archive, its results are keyed by that order, and a second run
+trains and measures nothing."""
 
 from __future__ import annotations
 
 import os
+import sqlite3
 import subprocess
 import sys
 import tarfile
@@ -49,7 +51,25 @@ def _synthetic_archive(path: Path, classes: int = 4, n_train: int = 10, n_test: 
             tar.add(src / top, arcname=top)
 
 
-def test_smoke_run_writes_report(tmp_path):
+def _stored(workdir: Path) -> dict:
+    """Per robench workdir (main, variant-*): its results and partial rows, and every file of its
+    trained runs with size and mtime."""
+    out = {}
+    for db in sorted(workdir.glob("*/results.sqlite")):
+        con = sqlite3.connect(db)
+        try:
+            rows = con.execute("SELECT checkpoint, kind, name, params, examples, data, created FROM results "
+                               "ORDER BY id").fetchall()
+            partial = con.execute("SELECT COUNT(*) FROM partial").fetchone()[0]
+        finally:
+            con.close()
+        files = {str(f.relative_to(db.parent)): (f.stat().st_size, f.stat().st_mtime_ns)
+                 for f in sorted((db.parent / "runs").rglob("*")) if f.is_file()}
+        out[db.parent.name] = {"results": rows, "partial": partial, "run files": files}
+    return out
+
+
+def test_smoke_run_writes_report(tmp_path, monkeypatch):
     archive = tmp_path / "tiny.tar.gz"
     _synthetic_archive(archive)
     out = tmp_path / "out"
@@ -65,7 +85,47 @@ def test_smoke_run_writes_report(tmp_path):
     assert "Pairwise orderings against the paper" in report
     assert "# robench report" in report  # the generated report follows the header
     assert "rbs-image" in report and "attack-train" in report
-    # Resuming: a second run trains and attacks nothing new, and still writes the report.
+
+    # Every result is keyed by the benchmark's test order: the whole test split in robench's
+    # class-balanced shuffle, first n images.
+    monkeypatch.setenv("ROBENCH_CACHE", str(tmp_path / "robench-cache"))
+    from robench.data import balanced_test, load_dataset
+    from robench.results import split_digest
+
+    test = balanced_test(load_dataset("folder", tmp_path / "unpacked"))
+    digest = split_digest(test.x_test, test.y_test)
+    first = _stored(tmp_path / "w")
+    assert set(first) == {"main", "variant-rbs-image", "variant-attack-train"}
+    main = first["main"]["results"]
+    assert {r[5] for wd in first.values() for r in wd["results"]} == {digest}
+    sens = [r for r in main if r[1] == "sensitivity"]
+    assert len(sens) == 5 * 4 and {r[4] for r in sens} == {"0:20"}  # run_sensitivity, 4 points x 5 defenses
+    assert {(r[2], r[4]) for r in main if r[1] == "attack"} == {
+        ("clean", "0:20"), ("pgd", "0:20"), ("cw", "0:20"), ("nattack", "0:4"), ("autoattack", "0:4"),
+        ("pgd", "0:8")}
+    assert all(wd["partial"] == 0 for wd in first.values())
+    assert all(wd["run files"] for wd in first.values())
+    assert "tasks: 0 of" not in proc.stdout
+
+    # Resuming: a second run trains and measures nothing new (no result row and no checkpoint file
+    # is written again), says so, and still writes the report.
     proc = _run(args, tmp_path)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert _stored(tmp_path / "w") == first
+    summary = [line for line in proc.stdout.splitlines() if "tasks: " in line]
+    assert len(summary) == 1 and "tasks: 0 of " in summary[0], proc.stdout[-2000:]
+    assert "trained or stored something new" in summary[0]
     assert (out / "report.md").read_text().startswith("# Fidelity benchmark")
+
+
+def test_test_order_is_class_balanced():
+    """The benchmark's test order (robench.data.balanced_order): every prefix of 10m indices holds
+    m of each class, fixed per seed."""
+    from robench.data import balanced_order
+
+    y = np.random.default_rng(1).permutation(np.repeat(np.arange(10), 7))
+    order = balanced_order(y, 0)
+    assert sorted(order.tolist()) == list(range(len(y)))
+    for m in range(1, 8):
+        assert np.bincount(y[order[:10 * m]], minlength=10).tolist() == [m] * 10
+    assert np.array_equal(order, balanced_order(y, 0)) and not np.array_equal(order, balanced_order(y, 1))

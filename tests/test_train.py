@@ -147,3 +147,72 @@ def test_batch_order_covers_each_epoch_once():
     seen = torch.cat([order.indices(s) for s in range(10)])
     assert sorted(seen.tolist()) == list(range(100))
     assert not torch.equal(order.indices(0), order.indices(10))  # a new epoch reshuffles
+
+
+def _draws(defense_name, mode, step, rank, exclude=False):
+    """What ``train`` draws at ``step`` on ``rank``: the global RNG (flip, PGD start) and the
+    shuffle RBS applies (shown on an image whose pixels are numbered)."""
+    c = cfg(defense_name, rbs_mode=mode, rbs_exclude_identity=exclude).resolved()
+    d = train_mod.DEFENSES[defense_name](c.eps, c.step_size, c.attack_steps, rbs_mode=mode,
+                                         rbs_exclude_identity=exclude)
+    train_mod.seed_step(c, step, rank, d)
+    flip = torch.rand(8)
+    probe = torch.arange(2 * 64, dtype=torch.float32).reshape(2, 1, 8, 8)
+    return flip, d.rbs(probe)
+
+
+@pytest.mark.parametrize("exclude", [False, True])
+def test_batch_mode_rbs_is_one_draw_per_global_batch(exclude):
+    """Under torchrun each rank holds a shard of the global batch; batch-mode RBS must shuffle
+    every shard the same way (one draw per global batch, as the official code), while the flip
+    and PGD start stay per rank. The draw depends on (seed, step) only."""
+    for step in (0, 7, 100):
+        flip0, rbs0 = _draws("rlfat-p", "batch", step, rank=0, exclude=exclude)
+        flip1, rbs1 = _draws("rlfat-p", "batch", step, rank=1, exclude=exclude)
+        assert torch.equal(rbs0, rbs1)  # the same shuffle on both ranks
+        assert not torch.equal(flip0, flip1)  # per-rank draws stay per rank
+        assert torch.equal(rbs0, _draws("rlfat-p", "batch", step, rank=0, exclude=exclude)[1])  # reproducible
+    assert train_mod.rbs_seed(0, 5) != train_mod.rbs_seed(0, 6) != train_mod.rbs_seed(1, 6)
+    shuffles = {tuple(_draws("rlfat-t", "batch", s, rank=0)[1].flatten().tolist()) for s in range(40)}
+    assert len(shuffles) > 10  # a fresh draw every step
+
+
+def test_image_mode_rbs_draws_per_rank():
+    a = _draws("rlfat-t", "image", 3, rank=0)[1]
+    b = _draws("rlfat-t", "image", 3, rank=1)[1]
+    assert not torch.equal(a, b)
+    assert torch.equal(a, _draws("rlfat-t", "image", 3, rank=0)[1])
+
+
+def test_rbs_exclude_identity_is_recorded_and_checked_on_resume(tmp_path, digits):
+    meta = run(tmp_path, digits, "x", c=cfg(steps=4, rbs_exclude_identity=True)).meta
+    assert meta["config"]["rbs_exclude_identity"] is True
+    assert meta["objective"]["rbs_exclude_identity"] is True
+    on_disk = json.loads((tmp_path / "runs" / "x" / "checkpoint.json").read_text())
+    assert on_disk["config"]["rbs_exclude_identity"] is True
+    with pytest.raises(UserError, match="differ.*rbs_exclude_identity"):
+        run(tmp_path, digits, "x", c=cfg(steps=8), resume=True)
+    assert run(tmp_path, digits, "x", c=cfg(steps=8, rbs_exclude_identity=True), resume=True).meta["step"] == 8
+    assert run(tmp_path, digits, "off", c=cfg(steps=4)).meta["objective"]["rbs_exclude_identity"] is False
+
+
+def test_run_from_before_a_setting_existed_resumes(tmp_path, digits):
+    """A checkpoint record without a newer setting compares it with the setting's default."""
+    run_dir = run(tmp_path, digits, "old", c=cfg(steps=4)).run_dir
+    meta = json.loads((run_dir / "checkpoint.json").read_text())
+    del meta["config"]["rbs_exclude_identity"]
+    (run_dir / "checkpoint.json").write_text(json.dumps(meta))
+    assert run(tmp_path, digits, "old", c=cfg(steps=8), resume=True).meta["step"] == 8
+
+
+def test_n_train_larger_than_the_training_set_is_refused(tmp_path, digits):
+    with pytest.raises(UserError, match="--n-train 5000 is larger"):
+        run(tmp_path, digits, "big", c=cfg(n_train=5000))
+    assert not (tmp_path / "runs" / "big").exists()
+
+
+@pytest.mark.parametrize("name", ["a/b", "..", ".", "", ".hidden", " x", "x ", "a\\b"])
+def test_run_names_must_be_plain(tmp_path, digits, name):
+    with pytest.raises(UserError, match="--name"):
+        run(tmp_path, digits, name, c=cfg(steps=4))
+    assert not (tmp_path / "runs").exists()
