@@ -50,7 +50,7 @@ import logging
 import sys
 import warnings
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 from torch import nn
@@ -110,6 +110,10 @@ def _quiet_reference():
 @dataclass
 class AutoAttack(Attack):
     """AutoAttack (Croce & Hein 2020), reference implementation (pyautoattack): APGD-CE, APGD-T, FAB-T, Square."""
+
+    label: ClassVar[str] = "AutoAttack"
+    order: ClassVar[int] = 40
+    demo_n: ClassVar[int | None] = 40
 
     version: str = "standard"
     norm: str = "Linf"

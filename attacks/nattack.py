@@ -122,8 +122,12 @@ class NAttack(Attack):
     faithful: bool = False  # official code's runner-up-of-sample-0 reward and check schedule
     chunk: int = 0  # max images per forward pass; 0 = automatic
 
+    label: ClassVar[str] = "N-attack"
+    order: ClassVar[int] = 30
+    paper: ClassVar[bool] = True
     black_box: ClassVar[bool] = True
-    default_n: ClassVar[int | None] = 1500
+    default_n: ClassVar[int | None] = 1500  # the paper's N-attack set
+    demo_n: ClassVar[int | None] = 20
 
     def __post_init__(self) -> None:
         super().__post_init__()

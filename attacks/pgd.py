@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
+from typing import ClassVar
 from typing import Callable
 
 import torch
@@ -76,6 +77,11 @@ class _PGDBase(Attack):
 class PGD(_PGDBase):
     """L-inf PGD on cross-entropy, random start (Madry et al.; paper App. A)."""
 
+    label = "PGD"
+    order = 10
+    paper = True
+    eps_curve = True
+
     def objective(self, y: torch.Tensor) -> Objective:
         return cross_entropy_objective(y)
 
@@ -84,6 +90,10 @@ class PGD(_PGDBase):
 @dataclass
 class CW(_PGDBase):
     """L-inf PGD on the CW margin loss, kappa = 50 (the paper's "CW")."""
+
+    label = "CW"
+    order = 20
+    paper = True
 
     kappa: float = 50.0
 

@@ -10,6 +10,7 @@ from robench.registry import DEFENSES
 class PGDAT(Defense):
     adversary = "ce"
     summary = "CE(z(x'), y), x' = PGD on CE (Madry et al. 2018)"
+    order = 10
 
     def loss(self, model, x, x_adv, y):
         logits_adv = model(x_adv)

@@ -18,6 +18,8 @@ class RBSATP(Defense):
     adversary = "ce"
     uses_rbs = True
     summary = "CE(z(RBS(x')), y), x' = PGD on CE (ablation: RLFL only)"
+    order = 30
+    parent = "pgdat"
 
     def loss(self, model, x, x_adv, y):
         logits_rbs = model(self.rbs(x_adv))
@@ -30,6 +32,8 @@ class RLFATP(Defense):
     uses_rbs = True
     default_eta = 0.5  # paper, App. A
     summary = "CE(z(RBS(x')), y) + 0.5 ||z(RBS(x')) - z(x')||^2, x' = PGD on CE"
+    order = 40
+    parent = "rbsat-p"
 
     def loss(self, model, x, x_adv, y):
         logits_rbs, logits_adv = model(self.rbs(x_adv)), model(x_adv)
@@ -43,6 +47,8 @@ class RBSATT(Defense):
     uses_rbs = True
     default_lam = 6.0
     summary = "CE(z(x), y) + 6 KL(p(x) || p(RBS(x'))), x' = PGD on KL (ablation: RLFL only)"
+    order = 50
+    parent = "trades"
 
     def loss(self, model, x, x_adv, y):
         logits, logits_rbs = model(x), model(self.rbs(x_adv))
@@ -56,6 +62,8 @@ class RLFATT(Defense):
     default_lam = 6.0
     default_eta = 1.0  # paper, App. A
     summary = "CE(z(x), y) + 6 KL(p(x) || p(RBS(x'))) + 1 ||z(RBS(x')) - z(x')||^2, x' = PGD on KL"
+    order = 60
+    parent = "rbsat-t"
 
     def loss(self, model, x, x_adv, y):
         logits, logits_rbs, logits_adv = model(x), model(self.rbs(x_adv)), model(x_adv)

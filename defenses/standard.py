@@ -10,6 +10,7 @@ from robench.registry import DEFENSES
 class Standard(Defense):
     adversary = None
     summary = "no adversary: CE(z(x), y) (baseline)"
+    order = 0
 
     def loss(self, model, x, x_adv, y):
         logits = model(x)

@@ -11,6 +11,7 @@ class TRADES(Defense):
     adversary = "kl"
     default_lam = 6.0  # RLFAT paper, App. A
     summary = "CE(z(x), y) + 6 KL(p(x) || p(x')), x' = PGD on the KL (Zhang et al. 2019)"
+    order = 20
 
     def loss(self, model, x, x_adv, y):
         logits, logits_adv = model(x), model(x_adv)

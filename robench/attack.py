@@ -34,10 +34,15 @@ class Attack:
     eps: float
     seed: int = 0
 
-    # Attacks that only query output probabilities say so; the evaluator never needs gradients.
-    black_box: ClassVar[bool] = False
+    # What the report and the demo need to know about the plugin, declared here and nowhere else.
+    label: ClassVar[str] = ""  # column heading, e.g. "PGD" (default: the registered name)
+    order: ClassVar[int] = 100  # column order in tables (paper's order first)
+    black_box: ClassVar[bool] = False  # only queries outputs, never gradients
+    paper: ClassVar[bool] = False  # one of the paper's Table 1 attacks: the report asks for it
+    eps_curve: ClassVar[bool] = False  # the attack the demo and the report sweep over eps
     # Number of test images evaluated when the user gives no --n (None: the whole test set).
     default_n: ClassVar[int | None] = None
+    demo_n: ClassVar[int | None] = None  # images the demo attacks (None: all), to fit its budget
 
     @classmethod
     def for_dataset(cls, defaults: DatasetDefaults, **overrides: Any) -> "Attack":

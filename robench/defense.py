@@ -30,6 +30,9 @@ class Defense:
     default_lam: ClassVar[float] = 0.0
     default_eta: ClassVar[float] = 0.0
     summary: ClassVar[str] = ""
+    # What the report and the demo need to know, declared here and nowhere else.
+    order: ClassVar[int] = 100  # row order in tables (the paper's order first)
+    parent: ClassVar[str | None] = None  # the defense this one ablates (paper section 4.4 chains)
 
     def __init__(
         self,

@@ -98,10 +98,12 @@ def make_attack(name: str, dataset: str, eps: float | None = None, overrides: di
     step/eps ratio (App. A: step = eps / 4); ``seed`` is the attack's seed unless the overrides
     name one."""
     defaults = DATASET_DEFAULTS[dataset]
-    if eps is not None:
+    if eps is not None and eps != defaults.eps:
         if not 0 < eps <= 1:
             raise UserError(f"--eps must be in (0, 1], got {eps}")
-        defaults = dataclasses.replace(defaults, eps=eps, step_size=defaults.step_size * eps / defaults.eps)
+        # rounded, so that float noise in the ratio never makes a new result key
+        step = round(defaults.step_size * eps / defaults.eps, 12)
+        defaults = dataclasses.replace(defaults, eps=eps, step_size=step)
     cls = ATTACKS.get(name)
     overrides = dict(overrides or {})
     if seed is not None:

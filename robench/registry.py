@@ -1,12 +1,15 @@
 """Name -> object registries for datasets, architectures, defenses and attacks.
 
 A method registers itself with a decorator (as timm's ``@register_model``), so adding one means
-adding one file. Looking up an unknown name raises a ``UserError`` that lists the valid choices.
+adding one file: inside robench (``defenses/``, ``attacks/``) or anywhere on the Python path,
+named in ``$ROBENCH_PLUGINS``. Looking up an unknown name raises a ``UserError`` that lists the valid choices.
 """
 
 from __future__ import annotations
 
 import importlib
+import os
+import sys
 from typing import Callable, Generic, Iterator, TypeVar
 
 from robench.errors import UserError
@@ -32,6 +35,7 @@ class Registry(Generic[T]):
     def _load(self) -> None:
         if self._populate is not None:
             importlib.import_module(self._populate)
+        load_plugins()
 
     def get(self, name: str) -> T:
         self._load()
@@ -45,12 +49,33 @@ class Registry(Generic[T]):
         self._load()
         return sorted(self._items)
 
+    def ordered(self) -> list[str]:
+        """Names in the order the entries declare (their ``order`` attribute), then by name."""
+        self._load()
+        return sorted(self._items, key=lambda n: (getattr(self._items[n], "order", 100), n))
+
     def __contains__(self, name: object) -> bool:
         self._load()
         return name in self._items
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.names())
+
+
+PLUGINS_ENV = "ROBENCH_PLUGINS"
+
+
+def load_plugins() -> None:
+    """Import the modules named in ``$ROBENCH_PLUGINS`` (comma-separated, on the Python path):
+    a defense or attack of one's own is one file that registers itself, used without editing
+    robench."""
+    for name in filter(None, (n.strip() for n in os.environ.get(PLUGINS_ENV, "").split(","))):
+        if name in sys.modules:
+            continue
+        try:
+            importlib.import_module(name)
+        except ImportError as e:
+            raise UserError(f"cannot import plugin module {name!r} from ${PLUGINS_ENV}: {e}") from None
 
 
 DATASETS: Registry = Registry("dataset", "robench.data")

@@ -1,4 +1,5 @@
-"""Where and how the arithmetic runs: device, bf16 autocast, channels_last, torch.compile.
+"""Where and how the arithmetic runs: device, bf16 autocast, channels_last, torch.compile, and
+the model's train/eval mode.
 
 On CPU everything is plain float32. On CUDA the defaults use the GPU well: bf16 autocast,
 channels_last memory format and cuDNN autotuning; ``--no-amp`` turns autocast off and
@@ -9,11 +10,25 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Iterator
 
 import torch
 from torch import nn
 
 from robench.errors import UserError
+
+
+@contextlib.contextmanager
+def model_mode(model: nn.Module, training: bool = False) -> Iterator[nn.Module]:
+    """Put every submodule in train or eval mode, then restore each one's own flag (a model whose
+    submodules were in mixed modes gets them back exactly)."""
+    flags = [(m, m.training) for m in model.modules()]
+    model.train(training)
+    try:
+        yield model
+    finally:
+        for m, flag in flags:
+            m.training = flag
 
 
 def resolve_device(name: str = "auto") -> torch.device:

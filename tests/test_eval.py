@@ -12,6 +12,7 @@ from safetensors.torch import save_file
 from robench import checkpoint
 from robench.attack import BALL_TOL
 from robench.errors import UserError
+from robench.config import DATASET_DEFAULTS
 from robench.evaluate import make_attack, run_eval, target_from_file, target_from_run
 from robench.registry import ATTACKS
 from robench.results import Examples, Key, Partial, Row, Store, wilson, worst_case
@@ -225,3 +226,11 @@ def test_adversarial_training_beats_standard_training_under_attack(trained_workd
     acc = {e.label: e.row.value for e in report.entries if e.attack == "pgd"}
     assert acc["standard"] < 0.1
     assert acc["pgdat"] > acc["standard"] + 0.2
+
+
+@pytest.mark.parametrize("name", ["pgd", "cw", "nattack", "autoattack"])
+def test_the_default_eps_given_explicitly_is_the_same_setting(name):
+    """`--eps 0.2` on digits is the default setting, not a new key (no float noise in the step)."""
+    for ds, defaults in DATASET_DEFAULTS.items():
+        assert make_attack(name, ds, defaults.eps).params() == make_attack(name, ds).params()
+    assert make_attack("pgd", "digits", 0.3).step_size == 0.075  # step/eps = 1/4, exactly
