@@ -57,7 +57,7 @@ from torch import nn
 
 from robench.attack import Attack, check_adversarial
 from robench.errors import UserError
-from robench.pgd import LinfBall
+from robench.threat import LinfBall
 from robench.registry import ATTACKS
 from robench.seeding import example_index, mix
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import ClassVar
 from typing import Callable
 
 import torch
@@ -18,7 +17,7 @@ from torch import nn
 
 from robench.attack import Attack
 from robench.errors import UserError
-from robench.pgd import Objective, cross_entropy_objective, cw_objective, pgd
+from robench.threat import Objective, cross_entropy_objective, cw_objective, pgd
 from robench.registry import ATTACKS
 from robench.seeding import example_index, uniform
 

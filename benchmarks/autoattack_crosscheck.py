@@ -41,7 +41,7 @@ from common import QUICK_NOTE, add_out_args, cpu_model, out_path, parse_args
 from robench.attacks.autoattack import AutoAttack
 from robench.data import load_dataset
 from robench.models import build_model
-from robench.pgd import cross_entropy_objective, pgd
+from robench.threat import cross_entropy_objective, pgd
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results" / "autoattack_crosscheck.md"

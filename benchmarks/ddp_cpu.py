@@ -45,7 +45,7 @@ def timed(args: list[str], cwd: Path, threads: int) -> float:
 
 
 def outcomes(workdir: Path) -> dict[str, np.ndarray]:
-    from robench.results import Store
+    from robench.store import Store
 
     with Store.in_workdir(workdir) as store:
         return {r.key.name: r.outcomes for r in store.rows()}

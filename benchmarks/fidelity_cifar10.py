@@ -165,7 +165,7 @@ def _data(plan: Plan):
     loaded once per process."""
     if "splits" not in _STATE:
         from robench.data import balanced_test, load_dataset
-        from robench.results import split_digest
+        from robench.store import split_digest
 
         splits = balanced_test(load_dataset("folder", plan.folder), plan.seed)
         _STATE["splits"], _STATE["digest"] = splits, split_digest(splits.x_test, splits.y_test)
@@ -174,7 +174,7 @@ def _data(plan: Plan):
 
 def _stored(workdir: Path, checkpoint_sha: str, kind: str) -> int:
     """How many results of one checkpoint the workdir holds (to tell new work from stored)."""
-    from robench.results import Store
+    from robench.store import Store
 
     with Store.in_workdir(workdir) as store:
         return len(store.rows(checkpoint=checkpoint_sha, kind=kind))
@@ -207,7 +207,7 @@ def task_train(plan: Plan, defense: str, variant: str | None) -> dict:
 def task_eval(plan: Plan, defense: str, variant: str | None, attack_name: str, n: int,
               eps: float | None = None) -> dict:
     from robench.evaluate import CLEAN, evaluate, make_attack, target_from_run
-    from robench.results import Store
+    from robench.store import Store
     from robench.runtime import Runtime
     from robench.workdir import find_run
 
@@ -234,9 +234,9 @@ def task_eval(plan: Plan, defense: str, variant: str | None, attack_name: str, n
 
 
 def task_sensitivity(plan: Plan, defense: str, variant: str | None) -> dict:
-    """``robench.analyze.run_sensitivity`` at the paper's points on the first n_test images of our
+    """``robench.sensitivity.run_sensitivity`` at the paper's points on the first n_test images of our
     test order."""
-    from robench.analyze import run_sensitivity
+    from robench.sensitivity import run_sensitivity
     from robench.runtime import Runtime
     from robench.workdir import find_run
 
@@ -347,7 +347,7 @@ def _rows(workdir: Path) -> tuple[dict, dict]:
 
 def paired_diff(a, b) -> tuple[float, float, float, int]:
     """Mean of a - b over the examples both rows share, with a normal 95% interval (paired)."""
-    from robench.results import common_examples, mean_ci, on_examples
+    from robench.store import common_examples, mean_ci, on_examples
 
     start, stop = common_examples([a, b])
     d = on_examples(a, start, stop).astype(np.float64) - on_examples(b, start, stop).astype(np.float64)
@@ -721,7 +721,7 @@ def main(argv: list[str] | None = None) -> int:
     phase("train + evaluate + sensitivity", t0)
 
     t0 = time.perf_counter()
-    from robench.analyze import run_salience
+    from robench.salience import run_salience
     from robench.data import balanced_order
     from robench.report import write_report
     from robench.runtime import Runtime

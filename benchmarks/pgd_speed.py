@@ -23,7 +23,7 @@ dominate when the machine is busy, ``--skip threads`` drops them):
 
 The fixed cost is extrapolated from whole calls: t(0) = 2 t(1) - t(2), with t(k) the time of a
 ``perturb`` with k steps, per repetition. ``ATTACKS["pgd"]`` refuses 0 steps, and timing the
-engine (``robench.pgd.pgd`` with 0 steps) alone would leave out what ``perturb`` does around it,
+engine (``robench.threat.pgd`` with 0 steps) alone would leave out what ``perturb`` does around it,
 so the extrapolation is the measure of the attack users run; it is the difference of two timings
 of one and two full steps, hence noisier than a direct timing (its quartiles are reported). Two
 direct 0-step timings sit beside it as checks: torchattacks' PGD with ``steps=0`` (its
@@ -55,7 +55,7 @@ from robench.attack import check_adversarial
 from robench.config import DATASET_DEFAULTS
 from robench.data import load_dataset
 from robench.models import build_model, count_params
-from robench.pgd import cross_entropy_objective, pgd
+from robench.threat import cross_entropy_objective, pgd
 from robench.registry import ATTACKS, DEFENSES
 
 from common import QUICK_NOTE, add_out_args, cpu_model, interleaved, load, out_path, parse_args
@@ -194,7 +194,7 @@ def overhead(x: torch.Tensor, eps: float, step: float, iters: int, reps: int) ->
         for _ in range(iters):
             torch.minimum(torch.maximum(x_adv.detach() + step * grad.sign(), x - eps), x + eps).clamp_(0, 1)
 
-    def fused():  # robench.pgd's update: bounds computed once per attack, in-place add + clamp
+    def fused():  # robench.threat's update: bounds computed once per attack, in-place add + clamp
         for _ in range(iters):
             buf.add_(grad.sign(), alpha=step).clamp_(lo, hi)
 
@@ -211,7 +211,7 @@ def fixed_cost(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, r
                inner: int) -> dict[str, list[float]]:
     """Per call, everything but the steps, per repetition (CPU seconds): ``robench`` and
     ``torchattacks`` extrapolated as 2 t(1) - t(2) from whole calls (see the module docstring),
-    ``torchattacks 0 steps`` and ``engine 0 steps`` (``robench.pgd.pgd`` alone) timed directly."""
+    ``torchattacks 0 steps`` and ``engine 0 steps`` (``robench.threat.pgd`` alone) timed directly."""
     step = eps / 4
     fns: dict[str, Callable[[], object]] = {}
     for k in (1, 2):
@@ -446,7 +446,7 @@ def main(argv: list[str] | None = None) -> None:
         "Unfused: `project(x_adv + step * grad.sign(), x)` as robench had it before (sign, scale, add, x - eps, "
         "x + eps, maximum, minimum, clamp_: 8 kernels, 7 new tensors; robench's update until "
         "the fused form replaced it). torchattacks' update (sign, scale, add, sub, clamp, add, "
-        "clamp: 7 kernels). Fused, what `robench.pgd.pgd` does now: bounds `lo = (x - eps)"
+        "clamp: 7 kernels). Fused, what `robench.threat.pgd` does now: bounds `lo = (x - eps)"
         ".clamp(0, 1)`, `hi = (x + eps).clamp(0, 1)` computed once per attack, then "
         "`x_adv.add_(grad.sign_(), alpha=step).clamp_(lo, hi)` (2-3 kernels, no new tensor but "
         "the sign; identical result).",
@@ -473,7 +473,7 @@ def main(argv: list[str] | None = None) -> None:
         f"repetition ({args.overhead_reps} repetitions of {args.fixed_inner} calls per variant on "
         f"digits, {args.wrn_fixed_inner} on the WRN; median, quartiles in brackets), and "
         "torchattacks' the same way. As checks, torchattacks with `steps=0` and robench's engine "
-        "alone (`robench.pgd.pgd` with 0 steps, without what `perturb` adds around it) are timed "
+        "alone (`robench.threat.pgd` with 0 steps, without what `perturb` adds around it) are timed "
         "directly.",
         "",
         "| batch | robench, 2t(1) - t(2) (us) | torchattacks, 2t(1) - t(2) (us) | torchattacks, "

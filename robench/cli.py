@@ -439,7 +439,7 @@ def sensitivity(defenses, dataset, data_dir, n, sweep, batch_size, progress, wor
     """Loss sensitivity under brightness and gamma shifts (paper section 4.3, Table 2)."""
     import json
 
-    from robench.analyze import run_sensitivity
+    from robench.sensitivity import run_sensitivity
     from robench.runtime import Runtime
     from robench.sensitivity import PAPER_POINTS
 
@@ -466,7 +466,7 @@ def sensitivity(defenses, dataset, data_dir, n, sweep, batch_size, progress, wor
 @device_options
 def salience(defenses, dataset, data_dir, n_images, samples, stdev, seed, workdir, device, amp, compile_):
     """SmoothGrad salience maps of the same images for each defense (paper Figure 3)."""
-    from robench.analyze import run_salience
+    from robench.salience import run_salience
     from robench.runtime import Runtime
 
     if samples <= 0 or stdev < 0:

@@ -20,7 +20,7 @@ Subsets and orders (loaders keep their own fixed order; these are opt-in):
   in which every prefix of ``k * classes`` images holds ``k`` of each class (while every class has
   images left). Evaluating "the first n" of it (``robench.evaluate``) is then a balanced sample
   at every n, and a smaller n is nested in a larger one, so results line up example by example.
-  A reordered split has another ``robench.results.split_digest``, so its results never share
+  A reordered split has another ``robench.store.split_digest``, so its results never share
   keys with those of the loader's own order.
 """
 

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from robench.pgd import cross_entropy_objective, kl_objective, pgd
+from robench.threat import cross_entropy_objective, kl_objective, pgd
 from robench.rbs import rbs
 
 AUTOCAST_OFF: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext

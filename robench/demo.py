@@ -7,7 +7,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from robench.analyze import run_salience, run_sensitivity
+from robench.salience import run_salience
+from robench.sensitivity import run_sensitivity
 from robench.evaluate import run_eval
 from robench.report import write_report
 from robench.runtime import Runtime

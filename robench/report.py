@@ -25,7 +25,7 @@ from robench import atomic, paper
 from robench.config import DATASET_DEFAULTS
 from robench.errors import UserError
 from robench.plots import BarPanel, LinePanel, bars_figure, lines_figure, rbs_figure
-from robench.results import DB_NAME, Row, Store, canonical, common_examples, on_examples, wilson, worst_case
+from robench.store import DB_NAME, Row, Store, canonical, common_examples, on_examples, wilson, worst_case
 from robench.sensitivity import PAPER_POINTS
 from robench.workdir import list_runs
 

@@ -16,15 +16,18 @@ library's SmoothGrad (Smilkov et al., 2017) by default:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Mapping, Sequence
 
 import torch
+from safetensors.torch import save_file
 from torch import nn
 
-from robench.sensitivity import eval_mode
+from robench import atomic
+from robench.data import load_dataset
+from robench.errors import UserError
+from robench.runtime import Runtime, model_mode
+from robench.targets import target_from_run, trained_runs
 
 
 def _normalise(maps: torch.Tensor, percentile: float) -> torch.Tensor:
@@ -73,7 +76,7 @@ def smoothgrad(
     tunnel = NoiseTunnel(Saliency(model))
     cuda = [device.index or 0] if device.type == "cuda" else []
     chunks = []
-    with eval_mode(model), torch.random.fork_rng(devices=cuda):
+    with model_mode(model), torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         for start in range(0, x.shape[0], images_per_pass):
             xb = x[start : start + images_per_pass].to(device)
@@ -144,13 +147,41 @@ def salience_grid(
     fig.tight_layout()
 
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fig.savefig(fh, format="png")
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    atomic.write_with(path, lambda tmp: fig.savefig(tmp, format="png"))
     return path
+
+
+SALIENCE_DIR = "salience"
+
+
+def run_salience(defenses: list[str], workdir: Path, runtime: Runtime, dataset: str | None = None,
+                 data_dir: Path | None = None, n_images: int = 6, n_samples: int = 50, stdev: float = 0.15,
+                 seed: int = 0) -> Path:
+    """SmoothGrad maps of the same test images for every defense, as the paper's Figure 3."""
+    sources = trained_runs(defenses, workdir, dataset)
+    datasets = sorted({ds for ds, _ in sources})
+    if len(datasets) != 1:
+        raise UserError(f"salience compares defenses on one dataset; these span {', '.join(datasets)}: pass --dataset")
+    ds = datasets[0]
+    splits = load_dataset(ds, data_dir)
+    if not 0 < n_images <= len(splits.x_test):
+        raise UserError(f"--n-images must be in 1..{len(splits.x_test)}")
+    # One image per class first, so the grid shows variety.
+    picks = [int((splits.y_test == c).nonzero()[0]) for c in range(splits.num_classes)
+             if (splits.y_test == c).any()][:n_images]
+    idx = torch.tensor(picks)
+    x, y = splits.x_test[idx], splits.y_test[idx]
+    maps = {}
+    for _, run_dir in sources:
+        target = target_from_run(run_dir)
+        model = runtime.prepare(target.model).eval()
+        maps[target.label] = smoothgrad(model, runtime.batch(x), y.to(runtime.device), n_samples=n_samples,
+                                        stdev=stdev, seed=seed).cpu()
+    out_dir = Path(workdir) / SALIENCE_DIR
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {"images": x.contiguous(), "labels": y.contiguous(), **{f"map/{k}": v.contiguous() for k, v in maps.items()}}
+    atomic.write_with(out_dir / f"{ds}.safetensors", lambda p: save_file(tensors, str(p)))
+    titles = [splits.classes[int(c)] for c in y]
+    png = out_dir / f"{ds}.png"
+    salience_grid(x, maps, png, titles=titles)
+    return png

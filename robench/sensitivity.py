@@ -20,26 +20,22 @@ pixel (V = 0) becomes the grey (alpha, alpha, alpha) clipped to [0, 1].
 
 from __future__ import annotations
 
-import contextlib
-from typing import Callable, Iterator, Sequence
+import time
+from pathlib import Path
+from typing import Callable, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm import tqdm
 
+from robench import checkpoint
+from robench.data import Splits, load_dataset
 from robench.errors import UserError
-
-
-@contextlib.contextmanager
-def eval_mode(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every submodule in eval mode, then restore each one's own flag (mixed modes survive)."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield model
-    finally:
-        for m, flag in flags:
-            m.training = flag
+from robench.runtime import Runtime, model_mode
+from robench.store import Examples, Key, Row, Store, mean_ci, now, split_digest
+from robench.targets import target_from_run, trained_runs
 
 
 def _channels(x: torch.Tensor) -> int:
@@ -166,7 +162,7 @@ def loss_sensitivity(
         raise ValueError(f"x has {x.shape[0]} examples but y has {y.shape[0]}")
     device = _device_of(model, x.device)
     norms = []
-    with eval_mode(model), torch.enable_grad():
+    with model_mode(model), torch.enable_grad():
         for start in range(0, x.shape[0], batch_size):
             xb = x[start : start + batch_size].to(device)
             yb = y[start : start + batch_size].to(device)
@@ -194,3 +190,45 @@ def sensitivity_curve(
         (float(v), loss_sensitivity(model, x, y, transform, v, batch_size).mean().item())
         for v in points
     ]
+
+
+def _check_n(n: int | None, total: int, dataset: str) -> int:
+    if n is None:
+        return total
+    if not 0 < n <= total:
+        raise UserError(f"--n must be in 1..{total} for the {dataset} test set, got {n}")
+    return n
+
+
+def run_sensitivity(defenses: list[str], workdir: Path, runtime: Runtime, dataset: str | None = None,
+                    data_dir: Path | None = None, n: int | None = None, sweep: bool = False,
+                    batch_size: int = 256, progress: bool = True, splits: Splits | None = None) -> list[Row]:
+    """l(value) = mean_i ||grad_x CE(F; T(x_i), y_i)||_2 at the paper's points (and a sweep),
+    on the first ``n`` test images. ``splits``: the data of runs on dataset ``splits.name``, as
+    the caller holds it (e.g. ``robench.data.balanced_test``); the key's split digest tells
+    such rows apart from those on the loader's own order. Runs on other datasets load theirs."""
+    sources = trained_runs(defenses, workdir, dataset)
+    points = {name: sorted(set(PAPER_POINTS[name]) | (set(SWEEPS[name]) if sweep else set()))
+              for name in PAPER_POINTS}
+    rows = []
+    with Store.in_workdir(workdir) as store:
+        for ds, run_dir in sources:
+            data = splits if splits is not None and splits.name == ds else load_dataset(ds, data_dir)
+            count = _check_n(n, len(data.x_test), ds)
+            target = target_from_run(run_dir)
+            model = runtime.prepare(target.model).eval()
+            x, y = runtime.batch(data.x_test[:count]), data.y_test[:count].to(runtime.device)
+            examples = Examples("test", 0, count, split_digest(data.x_test, data.y_test))
+            todo = [(name, float(v)) for name, values in points.items() for v in values]
+            for name, value in tqdm(todo, desc=f"{target.label}: sensitivity", leave=False,
+                                    disable=not progress):
+                key = Key.make(target.sha256, ds, examples, "sensitivity", name, {"value": value})
+                row = store.get(key)
+                if row is None:
+                    t0 = time.perf_counter()
+                    norms = loss_sensitivity(model, x, y, name, value, batch_size).numpy().astype(np.float32)
+                    row = Row(key, target.label, float(norms.mean(dtype=np.float64)), mean_ci(norms), norms,
+                              time.perf_counter() - t0, checkpoint.versions(), str(runtime.device), now())
+                    store.put(row)
+                rows.append(row)
+    return rows

@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from robench.results import Store
+from robench.store import Store
 
 TORCHRUN = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
 TINY = ["--arch", "tiny-cnn", "--steps", "20", "--attack-steps", "2", "--log-every", "10", "--checkpoint-every", "10"]

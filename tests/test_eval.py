@@ -15,7 +15,7 @@ from robench.errors import UserError
 from robench.config import DATASET_DEFAULTS
 from robench.evaluate import make_attack, run_eval, target_from_file, target_from_run
 from robench.registry import ATTACKS
-from robench.results import Examples, Key, Partial, Row, Store, wilson, worst_case
+from robench.store import Examples, Key, Partial, Row, Store, wilson, worst_case
 from robench.runtime import Runtime
 from robench.workdir import find_run
 

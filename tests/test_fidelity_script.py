@@ -90,7 +90,7 @@ def test_smoke_run_writes_report(tmp_path, monkeypatch):
     # class-balanced shuffle, first n images.
     monkeypatch.setenv("ROBENCH_CACHE", str(tmp_path / "robench-cache"))
     from robench.data import balanced_test, load_dataset
-    from robench.results import split_digest
+    from robench.store import split_digest
 
     test = balanced_test(load_dataset("folder", tmp_path / "unpacked"))
     digest = split_digest(test.x_test, test.y_test)

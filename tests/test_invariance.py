@@ -12,7 +12,7 @@ import torch
 from robench.errors import UserError
 from robench.evaluate import make_attack, run_eval, todo_ranges
 from robench.registry import ATTACKS
-from robench.results import Store
+from robench.store import Store
 from robench.runtime import Runtime
 
 CPU = Runtime.create("cpu")

@@ -14,7 +14,7 @@ from robench.evaluate import make_attack
 from robench.plots import apply_plan
 from robench.rbs import rbs, rbs_plan
 from robench.report import md_table, write_report
-from robench.results import Examples, Key, Row, Store, wilson, worst_case
+from robench.store import Examples, Key, Row, Store, wilson, worst_case
 from robench.sensitivity import SWEEPS
 
 N = 200

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from robench.evaluate import run_eval
-from robench.results import wilson
+from robench.store import wilson
 from robench.runtime import Runtime
 from robench.train import TrainConfig, train
 
