@@ -19,11 +19,11 @@ Why the reference code, through ``pyautoattack``:
   is a weaker attack. We use torchattacks only as a cross-check
   (``benchmarks/autoattack_crosscheck.py``), never to report numbers.
 
-What ``perturb`` adds around the reference call (``run_standard_evaluation``, which returns the
+What this module adds around the reference call (``run_standard_evaluation``, which returns the
 tuple ``(x_adv, y_adv)``: adversarial images, with x itself for images never broken or
 misclassified from the start, and the model's predicted labels on them):
 
-- the model runs in eval mode, and its train/eval mode is restored afterwards;
+- the model runs in eval mode, and its train/eval mode is restored afterwards (``Attack.__call__``);
 - the reference's logging (logger ``"auto-attack"``), prints and Python warnings are kept off the
   terminal, so the evaluator's progress bar stays clean; its warning-level messages (randomised
   or dynamic defense, zero gradients, Square beating the gradient attacks: signs of gradient
@@ -34,8 +34,8 @@ misclassified from the start, and the model's predicted labels on them):
   (coverage, a debugger); the previous trace function is put back;
 - the targeted attacks (APGD-T, FAB-T) use min(9, classes - 1) target classes, so datasets with
   fewer than 10 classes (an image folder) work; the reference would index past the logits;
-- x_adv is projected into the eps-ball and [0, 1] before ``check_adversarial`` (see the comment
-  in ``perturb``).
+- x_adv is projected into the eps-ball and [0, 1] before the threat-model check (see the comment
+  in ``_run_group``).
 
 Only the L-inf threat model is supported: it is the paper's, and the one ``check_adversarial``
 verifies. ``version`` may be "standard", "plus", "rand" (EOT, for randomised defenses) or
@@ -55,11 +55,11 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from robench.attack import Attack, check_adversarial
+from robench.attack import Attack
 from robench.errors import UserError
 from robench.threat import LinfBall
 from robench.registry import ATTACKS
-from robench.seeding import example_index, mix
+from robench.seeding import mix
 
 VERSIONS = ("standard", "plus", "rand", "custom")
 ATTACK_NAMES = ("apgd-ce", "apgd-dlr", "fab", "square", "apgd-t", "fab-t")
@@ -152,10 +152,8 @@ class AutoAttack(Attack):
     def unit(self) -> int:
         return self.group
 
-    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                index: torch.Tensor | None = None) -> torch.Tensor:
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Runs the reference once per group of examples (see ``group``)."""
-        index = example_index(index, len(x))
         x_adv = x.detach().clone()
         seen: list[str] = []
         groups = torch.div(index, self.group, rounding_mode="floor")
@@ -173,37 +171,30 @@ class AutoAttack(Attack):
             return x.clone()
         x = x.detach()
         y = y.detach().to(x.device)
-        was_training = model.training
-        model.eval()
-        try:
-            with torch.no_grad():
-                n_classes = model(x[:1]).shape[-1]
-            ref = Reference(
-                model, eps=self.eps, norm=self.norm, version=self.version, device=x.device,
-                seed=seed, attacks=list(self.attacks) if self.version == "custom" else None,
-            )
-            to_run = ref.attacks_to_run or []
-            if n_classes < 4 and any(a in _DLR for a in to_run):
-                raise UserError(f"autoattack {', '.join(a for a in to_run if a in _DLR)} needs at least 4 "
-                                f"classes (DLR loss), the model has {n_classes}; use version 'custom' "
-                                "with attacks apgd-ce,fab,square")
-            targets = max(1, min(ref.apgd_targeted.n_target_classes, n_classes - 1))
-            ref.apgd_targeted.n_target_classes = targets
-            ref.fab.n_target_classes = min(ref.fab.n_target_classes, targets)
-            devices = [x.device] if x.device.type == "cuda" else []
-            with torch.random.fork_rng(devices=devices), _quiet_reference() as seen:
-                x_adv, _y_adv = ref.run_standard_evaluation(x, y, batch_size=len(x))
-            self.last_warnings = list(seen)
-        finally:
-            model.train(was_training)
+        with torch.no_grad():
+            n_classes = model(x[:1]).shape[-1]
+        ref = Reference(
+            model, eps=self.eps, norm=self.norm, version=self.version, device=x.device,
+            seed=seed, attacks=list(self.attacks) if self.version == "custom" else None,
+        )
+        to_run = ref.attacks_to_run or []
+        if n_classes < 4 and any(a in _DLR for a in to_run):
+            raise UserError(f"autoattack {', '.join(a for a in to_run if a in _DLR)} needs at least 4 "
+                            f"classes (DLR loss), the model has {n_classes}; use version 'custom' "
+                            "with attacks apgd-ce,fab,square")
+        targets = max(1, min(ref.apgd_targeted.n_target_classes, n_classes - 1))
+        ref.apgd_targeted.n_target_classes = targets
+        ref.fab.n_target_classes = min(ref.fab.n_target_classes, targets)
+        devices = [x.device] if x.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), _quiet_reference() as seen:
+            x_adv, _y_adv = ref.run_standard_evaluation(x, y, batch_size=len(x))
+        self.last_warnings = list(seen)
         x_adv = x_adv.detach().to(device=x.device, dtype=x.dtype)
         # The reference keeps its iterates in the ball, but by float arithmetic of its own:
         # FAB-T accepts a point when ||x_adv - x||_inf <= eps computed in float32 against a
         # float64 eps, and FAB/Square build x_adv as x + delta then clip, so a pixel can land
         # an ulp or so outside the eps-ball or [0, 1]. The projection moves such pixels by at
         # most that rounding, far below one grey level (1/255), so the reference's verdict on the
-        # example stands; the evaluator re-classifies x_adv anyway. Projecting first means
-        # check_adversarial below only ever fires on a real escape, not on rounding.
-        x_adv = x_adv.clamp(*LinfBall(self.eps).bounds(x))
-        check_adversarial(x_adv, x, self.eps, "autoattack")
-        return x_adv
+        # example stands; the evaluator re-classifies x_adv anyway. Projecting first means the
+        # threat-model check (``Attack.__call__``) only ever fires on a real escape, not on rounding.
+        return x_adv.clamp(*LinfBall(self.eps).bounds(x))

@@ -57,7 +57,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from robench.attack import Attack, check_adversarial
+from robench.attack import Attack
 from robench.errors import UserError
 from robench.registry import ATTACKS
 from robench.seeding import example_index, generators
@@ -146,29 +146,20 @@ class NAttack(Attack):
 
     # ------------------------------------------------------------------ public API
 
-    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                index: torch.Tensor | None = None) -> torch.Tensor:
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         """Adversarial examples for (x, y); per-image stats land in ``last_result``."""
         return self.run(model, x, y, index).x_adv
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
             index: torch.Tensor | None = None) -> NAttackResult:
-        """The attack with its per-image statistics.
+        """The attack with its per-image statistics, on the model in the mode it is in (calling
+        the attack puts it in eval mode).
 
         Image i draws its noise from a generator seeded by (seed, index[i]), its index in the
         data set, so its result does not depend on batching (``None``: 0..len(x)-1).
         """
-        modes = [(m, m.training) for m in model.modules()]  # restored one by one, not recursively
-        model.eval()
-        try:
-            result = self._run(model, x, y, example_index(index, len(x)))
-        finally:
-            for m, training in modes:
-                m.training = training
-        check_adversarial(result.x_adv, x, self.eps, "nattack")
+        result = self._run(model, x, y, example_index(index, len(x)))
         self.last_result = result
-        self.last_success = result.success
-        self.last_queries = result.queries
         return result
 
     # ------------------------------------------------------------------ internals

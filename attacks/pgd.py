@@ -19,7 +19,7 @@ from robench.attack import Attack
 from robench.errors import UserError
 from robench.threat import Objective, cross_entropy_objective, cw_objective, pgd
 from robench.registry import ATTACKS
-from robench.seeding import example_index, uniform
+from robench.seeding import uniform
 
 
 @dataclass
@@ -46,29 +46,22 @@ class _PGDBase(Attack):
         """Restart ``restart``'s U[0, 1) start draw: example i's depends on (seed, i) only."""
         return uniform(self.seed, index, x.shape[1:], stream=restart, device=x.device)
 
-    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                index: torch.Tensor | None = None) -> torch.Tensor:
-        index = example_index(index, len(x))
-        was_training = model.training
-        model.eval()
-        try:
-            if self.restarts == 1:
-                return pgd(model, x, self.objective(y), self.eps, self.step_size, self.attack_steps,
-                           "uniform", self.autocast, self.start_noise(x, index, 0))
-            best = x.clone()
-            todo = torch.ones(len(x), dtype=torch.bool, device=x.device)
-            for restart in range(self.restarts):
-                x_adv = pgd(model, x, self.objective(y), self.eps, self.step_size, self.attack_steps,
-                            "uniform", self.autocast, self.start_noise(x, index, restart))
-                with torch.no_grad(), self.autocast():
-                    fooled = model(x_adv).argmax(1) != y
-                best[todo] = x_adv[todo]
-                todo &= ~fooled
-                if not todo.any():
-                    break
-            return best
-        finally:
-            model.train(was_training)
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        if self.restarts == 1:
+            return pgd(model, x, self.objective(y), self.eps, self.step_size, self.attack_steps,
+                       "uniform", self.autocast, self.start_noise(x, index, 0))
+        best = x.clone()
+        todo = torch.ones(len(x), dtype=torch.bool, device=x.device)
+        for restart in range(self.restarts):
+            x_adv = pgd(model, x, self.objective(y), self.eps, self.step_size, self.attack_steps,
+                        "uniform", self.autocast, self.start_noise(x, index, restart))
+            with torch.no_grad(), self.autocast():
+                fooled = model(x_adv).argmax(1) != y
+            best[todo] = x_adv[todo]
+            todo &= ~fooled
+            if not todo.any():
+                break
+        return best
 
 
 @ATTACKS.register("pgd")

@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     rob_pgd = correct(model, pgd_adv, y)
 
     ref = AutoAttack(eps=args.eps, version="standard", seed=args.seed)
-    x_ref, t_ref = timed(lambda: ref.perturb(model, x, y))
+    x_ref, t_ref = timed(lambda: ref(model, x, y))
     rob_ref = correct(model, x_ref, y)
     print(f"reference: {rob_ref.float().mean():.3f} in {t_ref:.0f} s", file=sys.stderr)
 

@@ -632,7 +632,7 @@ def measure(plan: Plan, full) -> None:
     model = build_model(plan.arch, 3, 10).eval()
     x, y = full.x_test[:100], full.y_test[:100]
     t0 = time.perf_counter()
-    make_attack("pgd", "folder").perturb(model, x, y)
+    make_attack("pgd", "folder")(model, x, y)
     pgd = (time.perf_counter() - t0) / 100
     t0 = time.perf_counter()
     with torch.no_grad():

@@ -128,7 +128,7 @@ def variants(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, ste
             loss = F.cross_entropy(model(xr), y, reduction="none").sum()
             torch.autograd.grad(loss, [xr])
 
-    return {"floor": floor, "robench": lambda: ours.perturb(model, x, y), "torchattacks": lambda: theirs(x, y)}
+    return {"floor": floor, "robench": lambda: ours(model, x, y), "torchattacks": lambda: theirs(x, y)}
 
 
 def speed(label: str, model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, step: float,
@@ -155,7 +155,7 @@ def robust_accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps_list
             # Seeded like torchattacks' global RNG below; robench draws each example's start
             # from its own generator derived from (seed, example index).
             ours = ATTACKS["pgd"](eps=eps, step_size=step, attack_steps=k, seed=1000 + s)
-            for name, attack in (("robench", lambda a, b: ours.perturb(model, a, b)), ("torchattacks", theirs)):
+            for name, attack in (("robench", lambda a, b: ours(model, a, b)), ("torchattacks", theirs)):
                 torch.manual_seed(1000 + s)
                 correct = 0
                 for i in range(0, len(x), batch):
@@ -217,7 +217,7 @@ def fixed_cost(model: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float, r
     for k in (1, 2):
         ours = ATTACKS["pgd"](eps=eps, step_size=step, attack_steps=k)
         theirs = torchattacks.PGD(model, eps=eps, alpha=step, steps=k, random_start=True)
-        fns[f"robench {k}"] = lambda ours=ours: ours.perturb(model, x, y)
+        fns[f"robench {k}"] = lambda ours=ours: ours(model, x, y)
         fns[f"torchattacks {k}"] = lambda theirs=theirs: theirs(x, y)
     theirs0 = torchattacks.PGD(model, eps=eps, alpha=step, steps=0, random_start=True)
     fns["torchattacks 0 steps"] = lambda: theirs0(x, y)

@@ -3,7 +3,9 @@
 Attacks live one per module under ``attacks/`` and register themselves in ``ATTACKS``. The
 dataclass fields are the attack's parameters; ``params()`` is what the results store keys on.
 
-``perturb(model, x, y, index)`` gets the index of every example in its dataset split. Every
+Calling an attack, ``attack(model, x, y, index)``, runs its ``perturb`` with the model in eval
+mode and checks the result against the threat model; ``index`` holds each example's index in
+its dataset split. Every
 random draw for example ``i`` derives from ``(seed, i)`` (``robench.seeding``), so an outcome
 never depends on the batch: not on ``--batch-size``, a resume point or the torchrun world size.
 An attack whose reference code draws for a whole batch at once (AutoAttack) declares ``unit``:
@@ -21,6 +23,8 @@ from torch import nn
 
 from robench.config import DatasetDefaults
 from robench.errors import UserError
+from robench.runtime import model_mode
+from robench.seeding import example_index
 
 # The dataset defaults an attack inherits; nothing else (e.g. the training lr) leaks in.
 THREAT_FIELDS = ("eps", "step_size", "attack_steps")
@@ -70,22 +74,38 @@ class Attack:
         """Consecutive examples that share random draws; 1 when every draw is per example."""
         return 1
 
-    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
-                index: torch.Tensor | None = None) -> torch.Tensor:
-        """Adversarial examples for (x, y); ``index``: the examples' indices in their split
-        (``None``: 0..len(x)-1)."""
+    def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor,
+                 index: torch.Tensor | None = None) -> torch.Tensor:
+        """Adversarial examples for (x, y), with what every attack shares done once: the model
+        runs in eval mode (each submodule's own mode is restored afterwards), and the output is
+        checked against the threat model (``ThreatModelError`` if it left the eps-ball or [0, 1]).
+        ``index``: the examples' indices in their split (``None``: 0..len(x)-1)."""
+        index = example_index(index, len(x))
+        with model_mode(model, training=False):
+            x_adv = self.perturb(model, x, y, index)
+        check_adversarial(x_adv, x, self.eps, self.label or type(self).__name__)
+        return x_adv
+
+    def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """The attack itself, on a model already in eval mode; ``index`` as in ``__call__``."""
         raise NotImplementedError
+
+
+class ThreatModelError(RuntimeError):
+    """An attack returned examples outside its threat model."""
 
 
 def check_adversarial(x_adv: torch.Tensor, x: torch.Tensor, eps: float, name: str = "attack") -> None:
     """Refuse an adversarial batch that left the eps-ball or [0, 1]: an error, never a number."""
     if x_adv.shape != x.shape:
-        raise RuntimeError(f"{name} returned shape {tuple(x_adv.shape)} for input {tuple(x.shape)}")
+        raise ThreatModelError(f"{name} returned shape {tuple(x_adv.shape)} for input {tuple(x.shape)}")
     if not torch.isfinite(x_adv).all():
-        raise RuntimeError(f"{name} returned non-finite pixels")
+        raise ThreatModelError(f"{name} returned non-finite pixels")
+    if x.numel() == 0:
+        return
     dist = (x_adv.float() - x.float()).abs().amax().item()
     if dist > eps + BALL_TOL:
-        raise RuntimeError(f"{name} left the eps-ball: ||x_adv - x||_inf = {dist:.6g} > eps = {eps:.6g}")
+        raise ThreatModelError(f"{name} left the eps-ball: ||x_adv - x||_inf = {dist:.6g} > eps = {eps:.6g}")
     lo, hi = x_adv.min().item(), x_adv.max().item()
     if lo < -BALL_TOL or hi > 1 + BALL_TOL:
-        raise RuntimeError(f"{name} left [0, 1]: pixel range [{lo:.6g}, {hi:.6g}]")
+        raise ThreatModelError(f"{name} left [0, 1]: pixel range [{lo:.6g}, {hi:.6g}]")

@@ -22,7 +22,7 @@ import torch
 from tqdm import tqdm
 
 from robench import checkpoint
-from robench.attack import Attack, check_adversarial
+from robench.attack import Attack, ThreatModelError
 from robench.config import DATASET_DEFAULTS
 from robench.data import Splits
 from robench.distributed import Dist
@@ -138,12 +138,11 @@ def evaluate(
         if attack is None:
             x_adv = x
         else:
-            x_adv = attack.perturb(model, x, y, torch.arange(start, stop))
-            seen = list(attack.last_warnings)
-            try:  # independent of the attack's own check: never count an invalid example
-                check_adversarial(x_adv, x, attack.eps, attack_name)
-            except RuntimeError as e:
+            try:  # the call checks the threat model: an invalid example is never counted
+                x_adv = attack(model, x, y, torch.arange(start, stop))
+            except ThreatModelError as e:
                 raise UserError(f"attack {attack_name!r} returned invalid examples, nothing stored: {e}") from None
+            seen = list(attack.last_warnings)
         with torch.no_grad(), runtime.autocast():
             correct = (model(x_adv).argmax(1) == y).float().cpu().numpy()
         store.put_partial(key, Partial(start, stop, correct, time.perf_counter() - t0, seen))

@@ -82,15 +82,15 @@ def test_bad_parameters_are_user_errors(kwargs):
 def test_breaks_undefended_model_inside_ball(mlp, attacks):
     model, x, y = mlp
     eps = 0.3
-    x_adv = AutoAttack(eps=eps, version="custom", attacks=attacks).perturb(model, x, y)
+    x_adv = AutoAttack(eps=eps, version="custom", attacks=attacks)(model, x, y)
     _assert_in_ball(x_adv, x, eps)
     assert _accuracy(model, x_adv, y) <= 0.05
 
 
 def test_small_eps_stays_inside_ball_and_is_deterministic(mlp):
     model, x, y = mlp
-    a = AutoAttack(eps=0.05, **CHEAP).perturb(model, x, y)
-    b = AutoAttack(eps=0.05, **CHEAP).perturb(model, x, y)
+    a = AutoAttack(eps=0.05, **CHEAP)(model, x, y)
+    b = AutoAttack(eps=0.05, **CHEAP)(model, x, y)
     _assert_in_ball(a, x, 0.05)
     assert torch.equal(a, b)
     # Examples it does not break come back unchanged (the reference's convention).
@@ -115,7 +115,7 @@ def test_mode_rng_tracer_and_terminal_untouched(mlp, capsys, caplog):
     sys.settrace(tracer)
     try:
         with caplog.at_level(logging.DEBUG):
-            AutoAttack(eps=0.1, **CHEAP).perturb(model, x[:10], y[:10])
+            AutoAttack(eps=0.1, **CHEAP)(model, x[:10], y[:10])
         assert sys.gettrace() is tracer  # the reference's check_dynamic calls settrace(None)
     finally:
         sys.settrace(old_trace)
@@ -140,7 +140,7 @@ def test_projects_reference_rounding_into_ball(mlp, monkeypatch):
         return (x_orig + eps + 1e-5).clamp(max=1 + 1e-5), y_orig
 
     monkeypatch.setattr(pyautoattack.AutoAttack, "run_standard_evaluation", sloppy)
-    x_adv = AutoAttack(eps=eps, **CHEAP).perturb(model, x, y)
+    x_adv = AutoAttack(eps=eps, **CHEAP)(model, x, y)
     _assert_in_ball(x_adv, x, eps)
 
 
@@ -148,18 +148,18 @@ def test_fewer_than_ten_classes(digits):
     torch.manual_seed(0)
     x, y = digits.x_test[:12], digits.y_test[:12] % 5
     five = nn.Sequential(nn.Flatten(), nn.Linear(64, 5)).eval()
-    x_adv = AutoAttack(eps=0.3, version="custom", attacks=("apgd-t",)).perturb(five, x, y)
+    x_adv = AutoAttack(eps=0.3, version="custom", attacks=("apgd-t",))(five, x, y)
     _assert_in_ball(x_adv, x, 0.3)
     three = nn.Sequential(nn.Flatten(), nn.Linear(64, 3)).eval()
     with pytest.raises(UserError, match="at least 4 classes"):
-        AutoAttack(eps=0.3).perturb(three, x, y % 3)
-    x_adv = AutoAttack(eps=0.3, version="custom", attacks=("apgd-ce",)).perturb(three, x, y % 3)
+        AutoAttack(eps=0.3)(three, x, y % 3)
+    x_adv = AutoAttack(eps=0.3, version="custom", attacks=("apgd-ce",))(three, x, y % 3)
     _assert_in_ball(x_adv, x, 0.3)
 
 
 def test_empty_batch(mlp):
     model, x, y = mlp
-    assert AutoAttack(eps=0.1).perturb(model, x[:0], y[:0]).shape == x[:0].shape
+    assert AutoAttack(eps=0.1)(model, x[:0], y[:0]).shape == x[:0].shape
 
 
 @pytest.mark.slow
@@ -169,10 +169,10 @@ def test_standard_version_small(mlp):
     x, y = x[:10], y[:10]
     eps = 0.1
     attack = AutoAttack(eps=eps)
-    x_adv = attack.perturb(model, x, y)
+    x_adv = attack(model, x, y)
     _assert_in_ball(x_adv, x, eps)
     # At least as strong as its first component alone.
-    apgd = AutoAttack(eps=eps, **CHEAP).perturb(model, x, y)
+    apgd = AutoAttack(eps=eps, **CHEAP)(model, x, y)
     assert _accuracy(model, x_adv, y) <= _accuracy(model, apgd, y)
 
 
@@ -193,12 +193,12 @@ def test_reference_warnings_are_kept_per_run(mlp):
     evaluator the stored row): a randomised model is flagged, a deterministic one is not."""
     model, x, y = mlp
     clean = AutoAttack(eps=0.1, **CHEAP)
-    clean.perturb(model, x[:8], y[:8])
+    clean(model, x[:8], y[:8])
     assert clean.last_warnings == []
     noisy = AutoAttack(eps=0.1, **CHEAP)
-    noisy.perturb(Noisy(model), x[:8], y[:8])
+    noisy(Noisy(model), x[:8], y[:8])
     assert any("randomized defense" in w for w in noisy.last_warnings), noisy.last_warnings
     # Two groups: the warning is reported once, not once per group.
     grouped = AutoAttack(eps=0.1, group=4, **CHEAP)
-    grouped.perturb(Noisy(model), x[:8], y[:8])
+    grouped(Noisy(model), x[:8], y[:8])
     assert sum("randomized defense" in w for w in grouped.last_warnings) == 1

@@ -34,7 +34,7 @@ def test_every_attack_stays_in_ball_and_box(name, eps, trained_workdir, digits):
     model = model_of(trained_workdir)
     attack = make_attack(name, "digits", eps, CHEAP.get(name))
     x, y = digits.x_test[:16], digits.y_test[:16]
-    x_adv = attack.perturb(model, x, y)
+    x_adv = attack(model, x, y)
     assert x_adv.shape == x.shape
     assert (x_adv - x).abs().max().item() <= eps + BALL_TOL
     assert x_adv.min().item() >= -BALL_TOL and x_adv.max().item() <= 1 + BALL_TOL
@@ -45,7 +45,7 @@ def test_white_box_attacks_break_an_undefended_model(name, trained_workdir, digi
     model = model_of(trained_workdir)
     x, y = digits.x_test[:100], digits.y_test[:100]
     assert (model(x).argmax(1) == y).float().mean() > 0.8
-    x_adv = make_attack(name, "digits", 0.3).perturb(model, x, y)
+    x_adv = make_attack(name, "digits", 0.3)(model, x, y)
     assert (model(x_adv).argmax(1) == y).float().mean() <= 0.02
 
 
@@ -56,7 +56,7 @@ def test_pgd_agrees_with_torchattacks(trained_workdir, digits):
     ours = make_attack("pgd", "digits", 0.1)
     theirs = torchattacks.PGD(model, eps=0.1, alpha=ours.step_size, steps=ours.attack_steps, random_start=True)
     torch.manual_seed(0)
-    acc_ours = (model(ours.perturb(model, x, y)).argmax(1) == y).float().mean().item()
+    acc_ours = (model(ours(model, x, y)).argmax(1) == y).float().mean().item()
     torch.manual_seed(0)
     acc_theirs = (model(theirs(x, y)).argmax(1) == y).float().mean().item()
     assert 0.2 < acc_ours < 0.95  # a meaningful operating point, not 0 or 1
@@ -98,7 +98,7 @@ def test_interrupted_eval_resumes_to_the_same_result(tmp_path, trained_workdir, 
         shutil.copytree(trained_workdir / "runs", w / "runs")
     clean = run_eval(["pgdat"], ["pgd"], a, CPU, n=100, batch_size=16, progress=False)
 
-    from robench import evaluate as ev
+    from robench import attack as ev
     real = ev.check_adversarial
     calls = {"n": 0}
 
@@ -234,3 +234,34 @@ def test_the_default_eps_given_explicitly_is_the_same_setting(name):
     for ds, defaults in DATASET_DEFAULTS.items():
         assert make_attack(name, ds, defaults.eps).params() == make_attack(name, ds).params()
     assert make_attack("pgd", "digits", 0.3).step_size == 0.075  # step/eps = 1/4, exactly
+
+
+def test_calling_an_attack_runs_it_in_eval_mode_and_checks_the_threat_model():
+    """Attack.__call__ does the common part once for every plugin."""
+    import dataclasses
+
+    from torch import nn
+
+    from robench.attack import Attack, ThreatModelError
+
+    seen = {}
+
+    @dataclasses.dataclass
+    class Probe(Attack):
+        escape: float = 0.0
+
+        def perturb(self, model, x, y, index):
+            seen["modes"] = [m.training for m in model.modules()]
+            seen["index"] = index.tolist()
+            return (x + self.escape).clamp(0, 1)
+
+    model = nn.Sequential(nn.Flatten(), nn.BatchNorm1d(64), nn.Linear(64, 10))
+    model.train()
+    model[2].eval()  # mixed modes must come back exactly
+    x, y = torch.rand(4, 1, 8, 8) * 0.5, torch.zeros(4, dtype=torch.long)
+    Probe(eps=0.1)(model, x, y, torch.tensor([7, 8, 9, 10]))
+    assert seen == {"modes": [False, False, False, False], "index": [7, 8, 9, 10]}
+    assert [m.training for m in model.modules()] == [True, True, True, False]
+    with pytest.raises(ThreatModelError, match="left the eps-ball"):
+        Probe(eps=0.1, escape=0.2)(model, x, y)
+    assert [m.training for m in model.modules()] == [True, True, True, False]

@@ -104,12 +104,12 @@ def test_the_attack_seed_is_honoured(digits, trained_workdir):
     model = target_from_run(run_dir).model.eval()
     x, y = digits.x_test[:16], digits.y_test[:16]
     idx = torch.arange(16)
-    a0, a0_again = (make_attack("pgd", "digits", seed=0).perturb(model, x, y, idx) for _ in range(2))
-    a7 = make_attack("pgd", "digits", overrides={"seed": 7}).perturb(model, x, y, idx)
+    a0, a0_again = (make_attack("pgd", "digits", seed=0)(model, x, y, idx) for _ in range(2))
+    a7 = make_attack("pgd", "digits", overrides={"seed": 7})(model, x, y, idx)
     assert torch.equal(a0, a0_again)
     assert not torch.equal(a0, a7)
     # example 3's perturbation is its own: the same whether it runs alone or in a batch
-    alone = make_attack("pgd", "digits", seed=0).perturb(model, x[3:4], y[3:4], idx[3:4])
+    alone = make_attack("pgd", "digits", seed=0)(model, x[3:4], y[3:4], idx[3:4])
     torch.testing.assert_close(alone, a0[3:4], rtol=0, atol=1e-6)
 
 

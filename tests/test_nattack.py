@@ -113,7 +113,7 @@ def test_stays_in_ball_and_box(eps):
     x[0] = 0.0
     x[1] = 1.0
     y = torch.arange(6) % 10
-    x_adv = NAttack(eps=eps, population=20, sigma=1.0, lr=0.5, iterations=20, check_every=5).perturb(model, x, y)
+    x_adv = NAttack(eps=eps, population=20, sigma=1.0, lr=0.5, iterations=20, check_every=5)(model, x, y)
     assert x_adv.shape == x.shape
     assert (x_adv - x).abs().max() <= eps + BALL_TOL
     assert x_adv.min() >= -BALL_TOL and x_adv.max() <= 1 + BALL_TOL
@@ -128,7 +128,7 @@ def test_breaks_undefended_model(digits):
     with torch.no_grad():
         pred = model(res.x_adv).argmax(1)
     assert torch.equal(pred != y, res.success)  # success means the model is wrong at x_adv
-    assert torch.equal(attack.last_success, res.success) and torch.equal(attack.last_queries, res.queries)
+    assert attack.last_result is res
     # Queries: one check every 10 iterations plus b per iteration until the successful check.
     fell = res.success
     t = res.steps[fell]
@@ -156,7 +156,7 @@ def test_restores_training_mode(digits):
     model.train()
     model[0].eval()  # mixed modes come back exactly as they were
     try:
-        NAttack(eps=0.1, population=4, iterations=2).perturb(model, x[:2], y[:2])
+        NAttack(eps=0.1, population=4, iterations=2)(model, x[:2], y[:2])
         assert model.training and model[1].training and not model[0].training
         assert seen and not any(seen)  # the attack itself ran in eval mode
     finally:
