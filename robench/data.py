@@ -13,9 +13,8 @@ Per-dataset hyper-parameters live in ``robench.config.DATASET_DEFAULTS``, not he
   by name (the layout of the CIFAR-10 JPEG copy). Decoded once, then cached as uint8 in
   ``cache_dir()/folders/<key>.npz``; the key changes when any file is added, removed or touched.
 
-Subsets and orders (loaders keep their own fixed order; these are opt-in):
+A class-balanced order (loaders keep their own fixed order; this is opt-in):
 
-- ``subset``: a fixed class-stratified subset of each split (a smaller dataset).
 - ``balanced_order`` / ``balanced_test``: the whole test split in one fixed class-balanced shuffle,
   in which every prefix of ``k * classes`` images holds ``k`` of each class (while every class has
   images left). Evaluating "the first n" of it (``robench.evaluate``) is then a balanced sample
@@ -30,7 +29,6 @@ import hashlib
 import os
 import pickle
 import tarfile
-import tempfile
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, replace
@@ -41,6 +39,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from robench import atomic
 from robench.errors import UserError
 from robench.registry import DATASETS
 
@@ -264,18 +263,9 @@ def _cache_key(root: Path, listing: dict[str, dict[str, list[os.DirEntry]]]) -> 
     return h.hexdigest()
 
 
-def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    # A temp file in the same directory + os.replace: a crash or a concurrent reader never sees
-    # a half-written cache.
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.stem, suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+def _savez(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would append ".npz" to a bare name
+        np.savez(f, **arrays)
 
 
 @_dataset("folder", "images in DIR/train/<class>/ and DIR/test/<class>/ (--data-dir), RGB, "
@@ -313,7 +303,8 @@ def _load_folder(data_dir: Path | None, download: bool) -> Splits:
             raise UserError(f"train images are {arrays['x_train'].shape[2]}x{arrays['x_train'].shape[1]} "
                             f"but test images are {arrays['x_test'].shape[2]}x{arrays['x_test'].shape[1]} "
                             f"in {root}; all images must have one size")
-        _save_atomic(cache, arrays)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        atomic.write_with(cache, lambda tmp: _savez(tmp, arrays))
     # Files are listed class by class; one fixed shuffle per split makes "the first n images"
     # (--n-train, eval's --n) a fair sample of every class, as in CIFAR's own files.
     order = {split: np.random.default_rng(FOLDER_ORDER_SEED).permutation(len(arrays[f"y_{split}"]))
@@ -328,38 +319,7 @@ def _load_folder(data_dir: Path | None, download: bool) -> Splits:
     )
 
 
-# --- subsets ---------------------------------------------------------------------------------
-
-
-def _stratified(y: torch.Tensor, n: int | None, rng: np.random.Generator) -> torch.Tensor | None:
-    """Indices of a fixed, class-balanced subset of size n (None: keep everything)."""
-    if n is None or n >= len(y):
-        return None
-    if n <= 0:
-        raise UserError(f"subset size must be positive, got {n}")
-    perm = rng.permutation(len(y))
-    labels = y.numpy()[perm]
-    rank = np.empty(len(y), dtype=np.int64)  # position of each sample among its class, in perm order
-    for c in np.unique(labels):
-        mask = labels == c
-        rank[mask] = np.arange(mask.sum())
-    # Taking by rank deals samples round-robin across classes, so the subset stays balanced.
-    order = np.lexsort((np.arange(len(y)), rank))
-    return torch.from_numpy(np.sort(perm[order[:n]]))
-
-
-def subset(splits: Splits, n_train: int | None = None, n_test: int | None = None,
-           seed: int = 0) -> Splits:
-    """A fixed class-stratified subset (same seed, same samples), e.g. for CPU-sized benchmarks."""
-    out = splits
-    # One generator per split, so the test subset does not depend on whether train is cut.
-    tr = _stratified(splits.y_train, n_train, np.random.default_rng([seed, 0]))
-    te = _stratified(splits.y_test, n_test, np.random.default_rng([seed, 1]))
-    if tr is not None:
-        out = replace(out, x_train=splits.x_train[tr], y_train=splits.y_train[tr])
-    if te is not None:
-        out = replace(out, x_test=splits.x_test[te], y_test=splits.y_test[te])
-    return out
+# --- orders ----------------------------------------------------------------------------------
 
 
 def balanced_order(y: np.ndarray | torch.Tensor, seed: int = 0) -> np.ndarray:

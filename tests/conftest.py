@@ -23,13 +23,25 @@ def digits():
 
 @pytest.fixture(scope="session")
 def trained_workdir(tmp_path_factory, digits):
-    """A workdir with a briefly trained tiny standard model and a tiny pgdat model on digits."""
+    """A workdir with a briefly trained tiny standard model and a tiny pgdat model on digits.
+    Shared by the whole session, so tests only read it; a test that writes results uses
+    ``runs_copy``."""
     from robench.train import TrainConfig, train
 
     workdir = tmp_path_factory.mktemp("workdir")
     for defense, steps in (("standard", 150), ("pgdat", 150)):
         cfg = TrainConfig(defense, "digits", arch="tiny-cnn", steps=steps, attack_steps=3)
         train(cfg, workdir, splits=digits, progress=False, checkpoint_every=steps, log_every=50)
+    return workdir
+
+
+@pytest.fixture
+def runs_copy(trained_workdir, tmp_path):
+    """A private workdir holding a copy of ``trained_workdir``'s runs and no results."""
+    import shutil
+
+    workdir = tmp_path / "workdir"
+    shutil.copytree(trained_workdir / "runs", workdir / "runs")
     return workdir
 
 

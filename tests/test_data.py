@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 import robench.data as data
-from robench.data import FOLDER_ORDER_SEED, Splits, cache_dir, default_data_dir, describe, load_dataset, subset
+from robench.data import FOLDER_ORDER_SEED, Splits, cache_dir, default_data_dir, describe, load_dataset
 from robench.errors import UserError
 from robench.registry import DATASETS
 
@@ -68,24 +68,6 @@ def test_digits_split_is_fixed_stratified_and_disjoint(digits: Splits) -> None:
     full = np.bincount(y) / len(y)
     assert np.abs(counts_train.numpy() / 1437 - full).max() < 0.002
     assert np.abs(counts_test.numpy() / 360 - full).max() < 0.005
-
-
-def test_subset_is_fixed_and_balanced(digits: Splits) -> None:
-    small = subset(digits, n_train=100, n_test=50, seed=3)
-    assert len(small.y_train) == 100 and len(small.y_test) == 50
-    assert torch.bincount(small.y_train, minlength=10).tolist() == [10] * 10
-    assert torch.bincount(small.y_test, minlength=10).tolist() == [5] * 10
-    same = subset(digits, n_train=100, n_test=50, seed=3)
-    assert torch.equal(small.x_train, same.x_train) and torch.equal(small.y_test, same.y_test)
-    assert not torch.equal(subset(digits, n_train=100, seed=4).x_train, small.x_train)
-    # The test subset does not depend on whether train is cut too.
-    assert torch.equal(subset(digits, n_test=50, seed=3).x_test, small.x_test)
-    assert subset(digits).x_train is digits.x_train
-    with pytest.raises(UserError):
-        subset(digits, n_train=0)
-
-
-# --- registry, describe, dirs ----------------------------------------------------------------
 
 
 def test_unknown_dataset_lists_choices() -> None:

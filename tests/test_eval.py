@@ -63,18 +63,18 @@ def test_pgd_agrees_with_torchattacks(trained_workdir, digits):
     assert abs(acc_ours - acc_theirs) <= 0.01
 
 
-def test_a_broken_attack_is_caught(trained_workdir, digits, monkeypatch):
+def test_a_broken_attack_is_caught(runs_copy, digits, monkeypatch):
     """The evaluator checks the eps-ball itself; an attack that leaves it yields an error, no row."""
     pgd_cls = ATTACKS["pgd"]
     monkeypatch.setattr(pgd_cls, "perturb", lambda self, model, x, y, index=None: (x + 2 * self.eps).clamp(0, 1))
     with pytest.raises(UserError, match="left the eps-ball"):
-        run_eval(["standard"], ["pgd"], trained_workdir, CPU, n=32, progress=False)
-    with Store.in_workdir(trained_workdir) as store:
-        assert not store.rows(name="pgd", n=32)
+        run_eval(["standard"], ["pgd"], runs_copy, CPU, n=32, progress=False)
+    with Store.in_workdir(runs_copy) as store:
+        assert not store.rows(name="pgd")
 
 
-def test_eval_stores_and_reuses_results(tmp_path, trained_workdir):
-    report = run_eval(["standard", "pgdat"], ["pgd", "cw"], trained_workdir, CPU, n=64, progress=False)
+def test_eval_stores_and_reuses_results(tmp_path, runs_copy):
+    report = run_eval(["standard", "pgdat"], ["pgd", "cw"], runs_copy, CPU, n=64, progress=False)
     table = report.table()
     assert "standard" in table and "pgdat" in table and "worst case" in table
     data = report.as_dict()["results"]
@@ -82,11 +82,11 @@ def test_eval_stores_and_reuses_results(tmp_path, trained_workdir):
     pgdat = next(d for d in data if d["defense"] == "pgdat")
     assert pgdat["worst_case"]["accuracy"] <= min(r["accuracy"] for r in pgdat["results"].values())
     json.dumps(report.as_dict())
-    with Store.in_workdir(trained_workdir) as store:
+    with Store.in_workdir(runs_copy) as store:
         count = len(store.rows())
-    again = run_eval(["standard", "pgdat"], ["pgd", "cw"], trained_workdir, CPU, n=64, progress=False)
+    again = run_eval(["standard", "pgdat"], ["pgd", "cw"], runs_copy, CPU, n=64, progress=False)
     assert again.as_dict() == report.as_dict()
-    with Store.in_workdir(trained_workdir) as store:
+    with Store.in_workdir(runs_copy) as store:
         assert len(store.rows()) == count  # nothing re-run, nothing duplicated
 
 
@@ -122,20 +122,20 @@ def test_interrupted_eval_resumes_to_the_same_result(tmp_path, trained_workdir, 
         assert store.db.execute("SELECT COUNT(*) FROM partial").fetchone()[0] == 0
 
 
-def test_missing_defense_names_the_train_command(trained_workdir):
+def test_missing_defense_names_the_train_command(runs_copy):
     with pytest.raises(UserError, match="robench train rlfat-t"):
-        run_eval(["rlfat-t"], ["pgd"], trained_workdir, CPU, progress=False)
+        run_eval(["rlfat-t"], ["pgd"], runs_copy, CPU, progress=False)
 
 
-def test_bad_eval_inputs(trained_workdir):
+def test_bad_eval_inputs(runs_copy):
     with pytest.raises(UserError, match="unknown attack 'fgsm'"):
-        run_eval(["standard"], ["fgsm"], trained_workdir, CPU, progress=False)
+        run_eval(["standard"], ["fgsm"], runs_copy, CPU, progress=False)
     with pytest.raises(UserError, match="larger than the digits test set"):
-        run_eval(["standard"], ["pgd"], trained_workdir, CPU, n=100_000, progress=False)
+        run_eval(["standard"], ["pgd"], runs_copy, CPU, n=100_000, progress=False)
     with pytest.raises(UserError, match="no parameter"):
-        run_eval(["standard"], ["pgd"], trained_workdir, CPU, overrides={"pgd": {"bogus": 1}}, progress=False)
+        run_eval(["standard"], ["pgd"], runs_copy, CPU, overrides={"pgd": {"bogus": 1}}, progress=False)
     with pytest.raises(UserError, match="eps"):
-        run_eval(["standard"], ["pgd"], trained_workdir, CPU, eps_list=[0.0], progress=False)
+        run_eval(["standard"], ["pgd"], runs_copy, CPU, eps_list=[0.0], progress=False)
 
 
 def test_plain_model_files(tmp_path, trained_workdir, digits):
@@ -219,10 +219,10 @@ def test_non_sqlite_database_is_refused(tmp_path):
         Store.in_workdir(tmp_path)
 
 
-def test_adversarial_training_beats_standard_training_under_attack(trained_workdir):
+def test_adversarial_training_beats_standard_training_under_attack(runs_copy):
     """The point of the whole tool: a PGD-trained model keeps far more accuracy under PGD-10 at
     the dataset's eps than the same model trained without an adversary."""
-    report = run_eval(["standard", "pgdat"], ["pgd"], trained_workdir, CPU, progress=False)
+    report = run_eval(["standard", "pgdat"], ["pgd"], runs_copy, CPU, progress=False)
     acc = {e.label: e.row.value for e in report.entries if e.attack == "pgd"}
     assert acc["standard"] < 0.1
     assert acc["pgdat"] > acc["standard"] + 0.2
