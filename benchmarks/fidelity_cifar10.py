@@ -72,10 +72,10 @@ VARIANTS = {
 
 def defenses(ablations: bool) -> list[str]:
     """The defenses trained: robench's table order, the RBS-only ablations only if asked."""
-    from robench.report import ABLATION_CHAINS, DEFENSE_ORDER
+    from robench.report import ablation_chains, defense_order
 
-    skip = set() if ablations else {chain[1] for chain in ABLATION_CHAINS}
-    return [d for d in DEFENSE_ORDER if d not in skip]
+    skip = set() if ablations else {chain[1] for chain in ablation_chains()}
+    return [d for d in defense_order() if d not in skip]
 
 
 def sens_columns() -> list[str]:
@@ -359,13 +359,14 @@ def paired_diff(a, b) -> tuple[float, float, float, int]:
 
 def agreement(ours: dict) -> tuple[list[str], dict]:
     """For each pair of the paper's four defenses and each column, does our ordering match the paper's?"""
-    from robench.report import LABELS, md_table
+    from robench.report import column_labels, md_table
     from robench.sensitivity import PAPER_POINTS
 
+    labels = column_labels()
     columns = [c for c in PAPER_COLUMNS if all(c in ours.get(d, {}) for d in PAPER4)]
     sens = [(t, v) for t, vs in PAPER_POINTS.items() for v in vs
             if all(f"{t} {v:g}" in ours.get(d, {}) for d in PAPER4)]
-    head = ["pair (a vs b)", *(LABELS[c] for c in columns), *(f"{t} {v:g}" for t, v in sens)]
+    head = ["pair (a vs b)", *(labels[c] for c in columns), *(f"{t} {v:g}" for t, v in sens)]
     body, tally = [], {"agree": 0, "agree_sig": 0, "disagree": 0, "disagree_sig": 0, "tie": 0,
                        "ours_tie": 0, "t1": [0, 0, 0], "t2": [0, 0, 0]}  # per table: agree, sig. agree, scored
     for i, a in enumerate(PAPER4):
@@ -423,10 +424,11 @@ def paper_ranking(column: str) -> str:
 def variant_table(plan: Plan, main_rows: dict, main_metas: dict) -> list[str]:
     if not plan.variants:
         return ["RLFAT-T variants were not run (`--no-variants`).", ""]
-    from robench.report import LABELS, md_table
+    from robench.report import column_labels, md_table
 
+    labels = column_labels()
     cols = ["clean", "pgd", "cw", *sens_columns()]
-    head = ["RLFAT-T run", "rbs_mode", "attack_mode", *(LABELS.get(c, c) for c in cols),
+    head = ["RLFAT-T run", "rbs_mode", "attack_mode", *(labels.get(c, c) for c in cols),
             "Δ PGD vs default (paired)", "train time"]
     body = []
     base = main_rows.get("rlfat-t", {})
@@ -441,7 +443,7 @@ def variant_table(plan: Plan, main_rows: dict, main_metas: dict) -> list[str]:
             r = rows.get(c)
             if r is None:
                 cells.append("—")
-            elif c in LABELS:
+            elif c in labels:
                 cells.append(f"{100 * r.value:.1f} [{100 * r.ci[0]:.1f}–{100 * r.ci[1]:.1f}]")
             else:
                 cells.append(f"{r.value:.3f} [{r.ci[0]:.3f}–{r.ci[1]:.3f}]")
@@ -458,8 +460,9 @@ def variant_table(plan: Plan, main_rows: dict, main_metas: dict) -> list[str]:
 
 def header(plan: Plan, timings: dict) -> list[str]:
     from robench.models import build_model, count_params
-    from robench.report import LABELS, md_table
+    from robench.report import column_labels, md_table
 
+    labels = column_labels()
     ours, metas = _rows(plan.workdir_of(None))
     table_lines, tally = agreement(ours)
     n_params = count_params(build_model(plan.arch, 3, 10))
@@ -485,7 +488,7 @@ def header(plan: Plan, timings: dict) -> list[str]:
     for c in [*PAPER_COLUMNS, "autoattack"]:
         if all(c in ours.get(d, {}) for d in PAPER4):
             n = ours[PAPER4[0]][c].key.n
-            ranks.append([LABELS[c], f"{ranking(ours, c)} (n={n})",
+            ranks.append([labels[c], f"{ranking(ours, c)} (n={n})",
                           paper_ranking(c) if c in PAPER_COLUMNS else "not in the paper"])
     for c in sens_columns():
         if all(c in ours.get(d, {}) for d in PAPER4):
@@ -503,8 +506,9 @@ def header(plan: Plan, timings: dict) -> list[str]:
 
 
 def summary_text(ours: dict, tally: dict) -> list[str]:
-    from robench.report import LABELS
+    from robench.report import column_labels
 
+    labels = column_labels()
     judged = tally["agree"] + tally["agree_sig"] + tally["disagree"] + tally["disagree_sig"]
     if not judged:
         return ["Not enough results yet to compare orderings.", ""]
@@ -544,11 +548,11 @@ def summary_text(ours: dict, tally: dict) -> list[str]:
         for c in cols:
             if c in ours.get(a, {}) and c in ours.get(b, {}):
                 m, lo, hi, n = paired_diff(ours[a][c], ours[b][c])
-                s = 100 if c in LABELS else 1
+                s = 100 if c in labels else 1
                 fmt = ".1f" if s == 100 else ".3f"
                 verdict = ("tie" if m == 0 else "as the paper" if m * sign > 0 else "against the paper") + \
                           ("" if lo > 0 or hi < 0 or m == 0 else ", within noise")
-                parts.append(f"{LABELS.get(c, c)} {s * m:+{fmt}} [{s * lo:+{fmt}}, {s * hi:+{fmt}}] "
+                parts.append(f"{labels.get(c, c)} {s * m:+{fmt}} [{s * lo:+{fmt}}, {s * hi:+{fmt}}] "
                              f"(n={n}, {verdict})")
         if parts:
             out.append(f"- **{title}**: " + "; ".join(parts) + ".")
@@ -722,7 +726,6 @@ def main(argv: list[str] | None = None) -> int:
 
     t0 = time.perf_counter()
     from robench.salience import run_salience
-    from robench.data import balanced_order
     from robench.report import write_report
     from robench.runtime import Runtime
 
@@ -735,8 +738,7 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     for old in args.out.glob("*.png"):
         old.unlink()
-    first = int(balanced_order(full.y_test, plan.seed)[0])  # the first image of our test order
-    path = write_report(main_wd, args.out, rbs_image=full.x_test[first])
+    path = write_report(main_wd, args.out)  # its RBS figure: the salience figure's first image
     phase("salience + report", t0)
     body = path.read_text()
     path.write_text("\n".join(header(plan, timings)) + "\n" + body)

@@ -1,19 +1,24 @@
 """The report: built from a synthetic workdir (fake runs + rows put straight into the store)."""
 
 import json
+from typing import ClassVar
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
+from safetensors.torch import save_file
 from torch import nn
 
 from robench import checkpoint, paper
+from robench.attack import Attack
 from robench.config import DATASET_DEFAULTS
+from robench.defense import Defense
 from robench.evaluate import make_attack
-from robench.plots import apply_plan
 from robench.rbs import rbs, rbs_plan
+from robench.registry import ATTACKS, DEFENSES
 from robench.report import md_table, write_report
+from robench.report.figures import salience_image, shuffled_layout
 from robench.store import Examples, Key, Row, Store, wilson, worst_case
 from robench.sensitivity import SWEEPS
 
@@ -94,14 +99,16 @@ def workdir(tmp_path):
             put_sens(store, pgdat, "pgdat", "cifar10", "gamma", v, level)
     (wd / "salience").mkdir()
     Image.new("RGB", (8, 8)).save(wd / "salience" / "cifar10.png")
+    # What `robench salience` stores beside its figure; the RBS figure draws its first image.
+    save_file({"images": torch.rand(2, 3, 16, 16), "labels": torch.tensor([0, 1])},
+              str(wd / "salience" / "cifar10.safetensors"))
     return wd, rows
 
 
 def test_report_tables_paper_worst_case_missing_and_warnings(workdir, tmp_path):
     wd, rows = workdir
     out = tmp_path / "out"
-    image = torch.rand(3, 16, 16)
-    path = write_report(wd, out, rbs_image=image)
+    path = write_report(wd, out)
     text = path.read_text()
     assert path == out / "report.md"
 
@@ -167,6 +174,21 @@ def test_report_with_runs_but_no_results(tmp_path):
     assert "`robench train rlfat-t --dataset digits --name partial --resume`" in text
     assert "`robench salience --defense standard --dataset digits`" in text
     assert "no results database" in text
+
+
+def apply_plan(image, plan):
+    """Place every source block of a (C, H, W) image where the figure's layout says it lands."""
+    def blocks(splits):
+        s = splits.tolist()
+        return list(zip(s, s[1:]))
+
+    out = torch.empty_like(image)
+    rows = zip(blocks(plan.row_splits), shuffled_layout(plan.row_splits, plan.row_order))
+    for (r0, r1), (s0, s1) in rows:
+        cols = zip(blocks(plan.col_splits), shuffled_layout(plan.col_splits, plan.col_order))
+        for (c0, c1), (t0, t1) in cols:
+            out[:, s0:s1, t0:t1] = image[:, r0:r1, c0:c1]
+    return out
 
 
 @pytest.mark.parametrize("shape,k,seed", [((3, 16, 12), 2, 0), ((1, 8, 8), 3, 5), ((3, 9, 7), 2, 11)])
@@ -241,3 +263,98 @@ def test_report_of_a_real_trained_and_evaluated_workdir(trained_workdir, tmp_pat
     assert "`robench eval --defense pgdat --dataset digits --attacks nattack`" in text
     with Image.open(tmp_path / "out" / "training.png") as im:
         im.verify()
+
+
+@pytest.fixture
+def plugins():
+    """A throwaway attack and defense, registered under unique names for one test only. Their
+    names sort against their declared order, so the report must follow the order."""
+    import uuid
+
+    class Probe(Attack):
+        label: ClassVar[str] = "Probe-Attack"
+        order: ClassVar[int] = 35  # after N-attack (30), before AutoAttack (40)
+
+        def perturb(self, model, x, y, index=None):
+            return x
+
+    class Shield(Defense):
+        order = 15  # after pgdat (10), before rlfat-p (40)
+
+        def loss(self, model, x, x_adv, y):
+            raise NotImplementedError
+
+    tag = uuid.uuid4().hex[:8]
+    attack, defense = f"zz-probe-{tag}", f"aa-shield-{tag}"
+    ATTACKS.register(attack)(Probe)
+    DEFENSES.register(defense)(Shield)
+    try:
+        yield attack, defense
+    finally:
+        ATTACKS._items.pop(attack)
+        DEFENSES._items.pop(defense)
+
+
+def test_a_new_attack_and_defense_show_up_by_their_own_metadata(workdir, plugins, tmp_path):
+    """Adding a plugin is one file: the report reads its label and order from the class."""
+    wd, rows = workdir
+    attack, defense = plugins
+    rng = np.random.default_rng(1)
+    shield = make_run(wd, defense, "cifar10", seed=3)
+    with Store.in_workdir(wd) as store:
+        sha = rows["pgd"].key.checkpoint
+        probe = put(store, sha, "pgdat", "cifar10", attack, bits(rng, 0.7))
+        put(store, sha, "pgdat", "cifar10", "autoattack", bits(rng, 0.5))
+        shield_clean = put(store, shield, defense, "cifar10", "clean", bits(rng, 0.95))
+        put(store, shield, defense, "cifar10", attack, bits(rng, 0.2))
+    text = write_report(wd, tmp_path / "out").read_text()
+    assert attack not in section(text, "Accuracy (Table 1 format)")  # its label, not its name
+    table1 = section(text, "Accuracy (Table 1 format)").split("\n\n")[2]
+    head = table1.splitlines()[0]
+    assert head == "| defense | clean | PGD | CW | N-attack | Probe-Attack | AutoAttack | worst case |"
+    defenses = [line.split(" | ")[0].lstrip("| ") for line in table1.splitlines()[2:]]
+    assert defenses == ["pgdat", defense, "rlfat-p"]
+    assert cell(probe) in table1 and cell(shield_clean) in table1
+    ablation = section(text, "Ablation")
+    assert "| PGD, CW, N-attack, Probe-Attack, AutoAttack |" in ablation
+    masking = section(text, "Gradient-masking checks")
+    assert masking.index("**pgdat**") < masking.index(f"**{defense}**") < masking.index("**rlfat-p**")
+    # Not a paper attack: asked for as optional only, before AutoAttack as declared.
+    missing = section(text, "Missing pieces")
+    line = f"(optional) no Probe-Attack results for rlfat-p on cifar10; run `robench eval --defense rlfat-p --dataset cifar10 --attacks {attack}`"
+    assert line in missing
+    assert missing.index(line) < missing.index("(optional) no AutoAttack results for rlfat-p")
+
+
+def test_masking_checks_run_once_per_run(workdir, tmp_path, monkeypatch):
+    from robench.report import checks
+
+    wd, _ = workdir
+    calls = []
+    real = checks.masking_checks
+    monkeypatch.setattr(checks, "masking_checks", lambda *a: calls.append(a[1:]) or real(*a))
+    text = write_report(wd, tmp_path / "out").read_text()
+    assert sorted(calls) == [("cifar10", "pgdat"), ("cifar10", "rlfat-p")]
+    n = section(text, "Gradient-masking checks").count("**warning**")
+    assert n and f"**{n} gradient-masking warning(s)**" in text
+
+
+def test_rbs_figure_comes_from_the_workdir_not_a_dataset(workdir, tmp_path, monkeypatch):
+    """The RBS figure draws the first image `robench salience` stored; without one it says so."""
+    import robench.data
+
+    wd, _ = workdir
+    monkeypatch.setattr(robench.data, "load_dataset", lambda *a, **k: pytest.fail("the report loaded a dataset"))
+    first = salience_image(wd, "cifar10")
+    assert first.shape == (3, 16, 16)
+    text = write_report(wd, tmp_path / "with").read_text()
+    assert "The first image of the CIFAR-10 salience figure" in section(text, "Random Block Shuffle")
+    assert (tmp_path / "with" / "rbs.png").exists()
+
+    (wd / "salience" / "cifar10.safetensors").write_bytes(b"not safetensors")
+    assert salience_image(wd, "cifar10") is None
+    (wd / "salience" / "cifar10.safetensors").unlink()
+    assert salience_image(wd, "cifar10") is None
+    text = write_report(wd, tmp_path / "without").read_text()
+    assert "Not drawn" in section(text, "Random Block Shuffle")
+    assert not (tmp_path / "without" / "rbs.png").exists()

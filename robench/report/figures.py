@@ -1,9 +1,4 @@
-"""Figures for the report: line and grouped-bar panels, and the paper's Figure 1 (RBS).
-
-Everything uses matplotlib's object API (``Figure``), never ``pyplot``, so no global state or
-display backend is involved, and each PNG is written atomically (temp file, then rename) so a
-crash never leaves half a figure.
-"""
+"""Figures for the report: line and grouped-bar panels, the paper's Figure 1 (RBS), salience files."""
 
 from __future__ import annotations
 
@@ -15,10 +10,15 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 from matplotlib.patches import Rectangle
+from safetensors import SafetensorError, safe_open
 
 from robench import atomic
-from robench.rbs import RBSPlan, rbs, rbs_plan
+from robench.rbs import rbs, rbs_plan
+from robench.salience import SALIENCE_DIR
 
+# Everything uses matplotlib's object API (``Figure``), never ``pyplot``, so no global state or
+# display backend is involved; each PNG is written atomically (temp file, then rename), so a
+# crash never leaves half a figure.
 DPI = 110
 
 
@@ -126,13 +126,6 @@ def shuffled_layout(splits: torch.Tensor, order: torch.Tensor) -> list[tuple[int
     return out
 
 
-def apply_plan(image: torch.Tensor, plan: RBSPlan) -> torch.Tensor:
-    """Rearrange a (C, H, W) image block by block as ``plan`` says (an independent check of rbs)."""
-    rows = torch.cat([torch.arange(*_blocks(plan.row_splits)[b]) for b in plan.row_order.tolist()])
-    cols = torch.cat([torch.arange(*_blocks(plan.col_splits)[b]) for b in plan.col_order.tolist()])
-    return image[:, rows][:, :, cols]
-
-
 def _show(ax, image: torch.Tensor, title: str) -> None:
     img = image.detach().cpu().float().clamp(0, 1)
     if img.shape[0] == 1:
@@ -183,3 +176,25 @@ def rbs_figure(image: torch.Tensor, path: Path | str, k: int = 2, seed: int = 0)
                  f"column order {plan.col_order.tolist()})", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path)
+
+
+# -- what ``robench salience`` stored -------------------------------------------------------------
+
+def salience_png(workdir: Path | str, dataset: str) -> Path:
+    return Path(workdir) / SALIENCE_DIR / f"{dataset}.png"
+
+
+def salience_image(workdir: Path | str, dataset: str) -> torch.Tensor | None:
+    """The first image (C, H, W) of ``salience/<dataset>.safetensors``, the tensors ``robench
+    salience`` stores beside its figure; None when there is none (or it cannot be read)."""
+    path = Path(workdir) / SALIENCE_DIR / f"{dataset}.safetensors"
+    if not path.exists():
+        return None
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            if "images" not in f.keys():
+                return None
+            images = f.get_tensor("images")
+    except (OSError, SafetensorError):
+        return None
+    return images[0] if images.dim() == 4 and len(images) else None

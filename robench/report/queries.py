@@ -1,0 +1,229 @@
+"""What the workdir holds and which stored rows the report shows: the public query API."""
+
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import math
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from robench.config import DATASET_DEFAULTS
+from robench.errors import UserError
+from robench.report.plugins import CLEAN, attack_order, ordered
+from robench.store import DB_NAME, Row, Store, canonical, common_examples, on_examples, worst_case
+from robench.workdir import list_runs
+
+EPS_TOL = 1e-6
+
+
+@dataclass
+class Run:
+    run_dir: Path
+    meta: dict
+
+    @property
+    def defense(self) -> str:
+        return self.meta["defense"]
+
+    @property
+    def dataset(self) -> str:
+        return self.meta["dataset"]
+
+    @property
+    def sha(self) -> str:
+        return self.meta.get("files", {}).get("weights", {}).get("sha256", "")
+
+
+@dataclass
+class Reported:
+    """The runs the report covers, their results, and what it leaves out."""
+
+    path: Path
+    runs: dict[tuple[str, str], Run]  # (dataset, defense) -> newest finished run, newest first
+    others: list[Run]  # older or unfinished runs, not reported
+    rows: dict[str, list[Row]]  # checkpoint sha256 -> its rows (reported runs only)
+    ignored: list[Row] = field(default_factory=list)
+    has_db: bool = False
+    digests: dict[str, str] = field(default_factory=dict)  # dataset -> the test split's digest reported
+
+    def datasets(self) -> list[str]:
+        return sorted({ds for ds, _ in self.runs})
+
+    def defenses(self, dataset: str) -> list[str]:
+        return ordered(d for ds, d in self.runs if ds == dataset)
+
+    def results(self, dataset: str, defense: str) -> list[Row]:
+        run = self.runs.get((dataset, defense))
+        return [] if run is None else self.rows.get(run.sha, [])
+
+
+def load_workdir(workdir: Path) -> Reported:
+    """Read the workdir's runs and results database; writes nothing there."""
+    runs: dict[tuple[str, str], Run] = {}
+    others: list[Run] = []
+    for run_dir, meta in list_runs(workdir):  # newest first
+        run = Run(run_dir, meta)
+        key = (run.dataset, run.defense)
+        if meta.get("finished") and key not in runs:
+            runs[key] = run
+        else:
+            others.append(run)
+    wd = Reported(Path(workdir), runs, others, {})
+    # Store() would create an empty database; a report must not write into the workdir.
+    if not (Path(workdir) / DB_NAME).exists():
+        return wd
+    wd.has_db = True
+    reported = {run.sha: run for run in runs.values()}
+    with Store.in_workdir(workdir) as store:
+        rows = store.rows()
+    # One version of each dataset's test split (its digest) per report, the one most results
+    # were measured on, so every comparison is on the same examples.
+    counts: dict[tuple[str, str], int] = defaultdict(int)
+    for row in rows:
+        counts[(row.key.dataset, row.key.data)] += 1
+    digest = {ds: data for (ds, data), _ in sorted(counts.items(), key=lambda kv: kv[1])}
+    for row in rows:
+        run = reported.get(row.key.checkpoint)
+        if run is not None and row.key.dataset == run.dataset and row.key.data == digest[run.dataset]:
+            wd.rows.setdefault(run.sha, []).append(row)
+        else:
+            wd.ignored.append(row)
+    wd.digests = digest
+    return wd
+
+
+def params(row: Row) -> dict:
+    return json.loads(row.key.params)
+
+
+def eps_of(row: Row) -> float | None:
+    eps = params(row).get("eps")
+    return None if eps is None else float(eps)
+
+
+def same(a: float | None, b: float | None) -> bool:
+    return a is not None and b is not None and math.isclose(a, b, rel_tol=EPS_TOL, abs_tol=1e-12)
+
+
+def pick(rows: Iterable[Row]) -> Row | None:
+    """The row with the most examples; the newest among equals."""
+    rows = list(rows)
+    return max(rows, key=lambda r: (r.key.n, r.created)) if rows else None
+
+
+def default_eps(run: Run) -> float:
+    defaults = DATASET_DEFAULTS.get(run.dataset)
+    return defaults.eps if defaults is not None else float(run.meta["config"]["eps"])
+
+
+@functools.lru_cache(maxsize=None)
+def _default_params(name: str, dataset: str, eps: float | None) -> str | None:
+    from robench.evaluate import make_attack
+
+    try:
+        return canonical(make_attack(name, dataset, eps).params())
+    except UserError:  # an attack no longer registered, or a dataset without defaults
+        return None
+
+
+def differs(row: Row) -> dict:
+    """The parameters in which ``row`` differs from its attack's defaults at its eps ({}: none)."""
+    if row.key.kind != "attack" or row.key.name == CLEAN:
+        return {}
+    ref = _default_params(row.key.name, row.key.dataset, eps_of(row))
+    if ref is None:
+        return {k: v for k, v in params(row).items() if k != "eps"}
+    ref = json.loads(ref)
+    return {k: v for k, v in params(row).items() if ref.get(k, object()) != v}
+
+
+def is_default(row: Row) -> bool:
+    """Measured at the dataset's default attack parameters (at the row's eps)."""
+    return not differs(row)
+
+
+def attack_row(rows: list[Row], name: str, eps: float | None = None) -> Row | None:
+    """The chosen row of attack ``name`` (``"clean"``: the clean row) at ``eps``, at the
+    dataset's default parameters; a row with other parameters is never chosen."""
+    matching = [r for r in rows if r.key.kind == "attack" and r.key.name == name and r.key.split == "test"
+                and (name == CLEAN or same(eps_of(r), eps)) and is_default(r)]
+    return pick(matching)
+
+
+def sort_key(row: Row) -> tuple:
+    p = params(row)
+    return (row.key.kind, row.key.name, float(p.get("eps", p.get("value", -1.0))), row.key.n, row.created)
+
+
+def other_settings(rows: list[Row]) -> list[Row]:
+    """Attack rows at non-default parameters, which Table 1 and the checks leave out."""
+    return sorted((r for r in rows if r.key.kind == "attack" and not is_default(r)), key=sort_key)
+
+
+def table1_rows(wd: Reported, dataset: str, defense: str) -> dict[str, Row]:
+    """Clean and every attack at the dataset's default eps, in column order."""
+    rows = wd.results(dataset, defense)
+    eps = default_eps(wd.runs[(dataset, defense)])
+    known = attack_order()
+    names = [CLEAN, *known, *sorted({r.key.name for r in rows if r.key.kind == "attack"} - {CLEAN, *known})]
+    found = {name: attack_row(rows, name, eps) for name in names}
+    return {name: row for name, row in found.items() if row is not None}
+
+
+def eps_series(rows: list[Row], attack: str) -> dict[float, Row]:
+    """The chosen row per eps for one attack."""
+    by_eps: dict[float, list[Row]] = defaultdict(list)
+    for r in rows:
+        if (r.key.kind == "attack" and r.key.name == attack and r.key.split == "test" and eps_of(r) is not None
+                and is_default(r)):
+            by_eps[round(eps_of(r), 9)].append(r)
+    return {eps: pick(group) for eps, group in sorted(by_eps.items())}
+
+
+def sensitivity_series(rows: list[Row], transform: str) -> dict[float, Row]:
+    by_value: dict[float, list[Row]] = defaultdict(list)
+    for r in rows:
+        if r.key.kind == "sensitivity" and r.key.name == transform:
+            by_value[round(float(params(r)["value"]), 9)].append(r)
+    return {v: pick(group) for v, group in sorted(by_value.items())}
+
+
+def sensitivity_at(rows: list[Row], transform: str, value: float) -> Row | None:
+    series = sensitivity_series(rows, transform)
+    return next((r for v, r in series.items() if same(v, value)), None)
+
+
+def worst(rows: dict[str, Row]) -> tuple[float, int]:
+    return worst_case(list(rows.values()))
+
+
+def mean_robust(rows: dict[str, Row]) -> tuple[float | None, list[str], int]:
+    """Mean accuracy over the registered attacks in ``rows``, each on the examples common to all
+    of them; returns (mean, attacks averaged, number of common examples)."""
+    attacks = [a for a in attack_order() if a in rows]
+    if not attacks:
+        return None, [], 0
+    start, stop = common_examples([rows[a] for a in attacks])
+    if stop == start:
+        return None, attacks, 0
+    return float(np.mean([(on_examples(rows[a], start, stop) > 0.5).mean() for a in attacks])), attacks, stop - start
+
+
+def read_log(run: Run) -> list[dict[str, float]]:
+    path = run.run_dir / "train_log.csv"
+    if not path.exists():
+        return []
+    out = []
+    with open(path, newline="") as f:
+        for row in csv.DictReader(f):
+            try:
+                out.append({k: float(row[k]) for k in ("step", "loss", "train_acc")})
+            except (KeyError, TypeError, ValueError):
+                continue  # a malformed line should not sink the whole report
+    return out
