@@ -32,6 +32,10 @@ class Registry(Generic[T]):
 
         return decorator
 
+    def unregister(self, name: str) -> None:
+        """Remove an entry (a plugin registered for a while, as tests do)."""
+        self._items.pop(name, None)
+
     def _load(self) -> None:
         if self._populate is not None:
             importlib.import_module(self._populate)

@@ -291,8 +291,8 @@ def plugins():
     try:
         yield attack, defense
     finally:
-        ATTACKS._items.pop(attack)
-        DEFENSES._items.pop(defense)
+        ATTACKS.unregister(attack)
+        DEFENSES.unregister(defense)
 
 
 def test_a_new_attack_and_defense_show_up_by_their_own_metadata(workdir, plugins, tmp_path):
