@@ -135,13 +135,16 @@ class Plan:
         return self.workdir / ("main" if variant is None else f"variant-{variant}")
 
     def train_config(self, defense: str, variant: str | None = None):
+        from robench.defense import param_names
+        from robench.registry import DEFENSES
         from robench.train import TrainConfig
 
-        extra = VARIANTS[variant] if variant else {}
-        # The paper's CIFAR-10 numbers, written out so the record does not depend on defaults.
+        # The paper's CIFAR-10 numbers, written out so the record does not depend on defaults;
+        # each defense takes the settings it has.
+        paper = dict(eps=0.03, step_size=0.0075, attack_steps=10, rbs_k=2, **(VARIANTS[variant] if variant else {}))
+        own = set(param_names(DEFENSES[defense]))
         return TrainConfig(defense, "folder", arch=self.arch, steps=self.steps, batch_size=32, lr=1e-3,
-                           eps=0.03, step_size=0.0075, attack_steps=10, flip=True, seed=self.seed,
-                           rbs_k=2, **extra)
+                           flip=True, seed=self.seed, options={k: v for k, v in paper.items() if k in own})
 
     def runs(self) -> list[tuple[str, str | None]]:
         return [(d, None) for d in self.defenses] + [("rlfat-t", v) for v in self.variants]
@@ -206,7 +209,9 @@ def task_train(plan: Plan, defense: str, variant: str | None) -> dict:
 
 def task_eval(plan: Plan, defense: str, variant: str | None, attack_name: str, n: int,
               eps: float | None = None) -> dict:
-    from robench.evaluate import CLEAN, evaluate, make_attack, target_from_run
+    from robench.attack import make_attack
+    from robench.evaluate import CLEAN, evaluate
+    from robench.targets import target_from_run
     from robench.store import Store
     from robench.runtime import Runtime
     from robench.workdir import find_run
@@ -618,7 +623,7 @@ def measure(plan: Plan, full) -> None:
 
     import torch
 
-    from robench.evaluate import make_attack
+    from robench.attack import make_attack
     from robench.models import build_model
     from robench.runtime import Runtime
     from robench.train import train

@@ -1,14 +1,17 @@
 """PGD adversarial training (Madry et al., 2018): CE on PGD examples found by maximising CE."""
 
+from dataclasses import dataclass
+
 from torch.nn import functional as F
 
-from robench.defense import Defense
+from robench.defense import AdversarialDefense
 from robench.registry import DEFENSES
 
 
 @DEFENSES.register("pgdat")
-class PGDAT(Defense):
-    adversary = "ce"
+@dataclass
+class PGDAT(AdversarialDefense):
+    inner_loss = "ce"
     summary = "CE(z(x'), y), x' = PGD on CE (Madry et al. 2018)"
     order = 10
 

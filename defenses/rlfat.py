@@ -7,16 +7,18 @@
 - RBSAT-P / RBSAT-T ("RLFL only", paper section 4.4): the same without the transfer term.
 """
 
+from dataclasses import dataclass
+
 from torch.nn import functional as F
 
-from robench.defense import Defense, kl, transfer
+from robench.defense import RandomBlockShuffle, TradesKL, kl, non_negative, setting, transfer
 from robench.registry import DEFENSES
 
 
 @DEFENSES.register("rbsat-p")
-class RBSATP(Defense):
-    adversary = "ce"
-    uses_rbs = True
+@dataclass
+class RBSATP(RandomBlockShuffle):
+    inner_loss = "ce"
     summary = "CE(z(RBS(x')), y), x' = PGD on CE (ablation: RLFL only)"
     order = 30
     parent = "pgdat"
@@ -27,13 +29,14 @@ class RBSATP(Defense):
 
 
 @DEFENSES.register("rlfat-p")
-class RLFATP(Defense):
-    adversary = "ce"
-    uses_rbs = True
-    default_eta = 0.5  # paper, App. A
+@dataclass
+class RLFATP(RandomBlockShuffle):
+    inner_loss = "ce"
     summary = "CE(z(RBS(x')), y) + 0.5 ||z(RBS(x')) - z(x')||^2, x' = PGD on CE"
     order = 40
     parent = "rbsat-p"
+
+    eta: float = setting(0.5, **non_negative("--eta"))  # transfer weight; paper, App. A
 
     def loss(self, model, x, x_adv, y):
         logits_rbs, logits_adv = model(self.rbs(x_adv)), model(x_adv)
@@ -42,10 +45,9 @@ class RLFATP(Defense):
 
 
 @DEFENSES.register("rbsat-t")
-class RBSATT(Defense):
-    adversary = "kl"
-    uses_rbs = True
-    default_lam = 6.0
+@dataclass
+class RBSATT(TradesKL, RandomBlockShuffle):
+    inner_loss = "kl"
     summary = "CE(z(x), y) + 6 KL(p(x) || p(RBS(x'))), x' = PGD on KL (ablation: RLFL only)"
     order = 50
     parent = "trades"
@@ -56,14 +58,14 @@ class RBSATT(Defense):
 
 
 @DEFENSES.register("rlfat-t")
-class RLFATT(Defense):
-    adversary = "kl"
-    uses_rbs = True
-    default_lam = 6.0
-    default_eta = 1.0  # paper, App. A
+@dataclass
+class RLFATT(TradesKL, RandomBlockShuffle):
+    inner_loss = "kl"
     summary = "CE(z(x), y) + 6 KL(p(x) || p(RBS(x'))) + 1 ||z(RBS(x')) - z(x')||^2, x' = PGD on KL"
     order = 60
     parent = "rbsat-t"
+
+    eta: float = setting(1.0, **non_negative("--eta"))  # transfer weight; paper, App. A
 
     def loss(self, model, x, x_adv, y):
         logits, logits_rbs, logits_adv = model(x), model(self.rbs(x_adv)), model(x_adv)

@@ -1,5 +1,7 @@
 """No adversary: cross-entropy on clean inputs. The baseline every defense must beat."""
 
+from dataclasses import dataclass
+
 from torch.nn import functional as F
 
 from robench.defense import Defense
@@ -7,8 +9,9 @@ from robench.registry import DEFENSES
 
 
 @DEFENSES.register("standard")
+@dataclass
 class Standard(Defense):
-    adversary = None
+    inner_loss = None
     summary = "no adversary: CE(z(x), y) (baseline)"
     order = 0
 

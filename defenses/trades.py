@@ -1,15 +1,17 @@
 """TRADES (Zhang et al., 2019): CE(z(x), y) + lambda KL(p(x) || p(x')), x' = PGD on that KL."""
 
+from dataclasses import dataclass
+
 from torch.nn import functional as F
 
-from robench.defense import Defense, kl
+from robench.defense import TradesKL, kl
 from robench.registry import DEFENSES
 
 
 @DEFENSES.register("trades")
-class TRADES(Defense):
-    adversary = "kl"
-    default_lam = 6.0  # RLFAT paper, App. A
+@dataclass
+class TRADES(TradesKL):
+    inner_loss = "kl"
     summary = "CE(z(x), y) + 6 KL(p(x) || p(x')), x' = PGD on the KL (Zhang et al. 2019)"
     order = 20
 

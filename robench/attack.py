@@ -21,8 +21,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from robench.config import DatasetDefaults
+from robench.config import DATASET_DEFAULTS, DatasetDefaults
 from robench.errors import UserError
+from robench.options import check_option_types
+from robench.registry import ATTACKS
 from robench.runtime import model_mode
 from robench.seeding import example_index
 
@@ -109,3 +111,26 @@ def check_adversarial(x_adv: torch.Tensor, x: torch.Tensor, eps: float, name: st
     lo, hi = x_adv.min().item(), x_adv.max().item()
     if lo < -BALL_TOL or hi > 1 + BALL_TOL:
         raise ThreatModelError(f"{name} left [0, 1]: pixel range [{lo:.6g}, {hi:.6g}]")
+
+
+def make_attack(name: str, dataset: str, eps: float | None = None, overrides: dict[str, Any] | None = None,
+                autocast=None, seed: int | None = None) -> Attack:
+    """The named attack with the dataset's paper defaults. A user ``eps`` keeps the dataset's
+    step/eps ratio (App. A: step = eps / 4); ``seed`` is the attack's seed unless the overrides
+    name one."""
+    defaults = DATASET_DEFAULTS[dataset]
+    if eps is not None and eps != defaults.eps:
+        if not 0 < eps <= 1:
+            raise UserError(f"--eps must be in (0, 1], got {eps}")
+        # rounded, so that float noise in the ratio never makes a new result key
+        step = round(defaults.step_size * eps / defaults.eps, 12)
+        defaults = dataclasses.replace(defaults, eps=eps, step_size=step)
+    cls = ATTACKS.get(name)
+    overrides = dict(overrides or {})
+    if seed is not None:
+        overrides.setdefault("seed", seed)
+    check_option_types(name, cls.for_dataset(defaults), overrides)
+    attack = cls.for_dataset(defaults, **overrides)
+    if autocast is not None and hasattr(attack, "autocast"):
+        attack.autocast = autocast
+    return attack

@@ -148,7 +148,3 @@ def load(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | Non
         except Exception as e:  # any unpickling failure: refuse, never execute
             raise UserError(f"cannot load optimiser state {optim}: {type(e).__name__}") from None
     return meta
-
-
-def weights_sha256(run_dir: Path) -> str:
-    return read_meta(run_dir)["files"]["weights"]["sha256"]

@@ -21,6 +21,8 @@ class DatasetDefaults:
     lr: float  # Adam, constant
     flip: bool  # random horizontal flip, the only augmentation in App. A
     source: str
+    label: str  # how reports name the dataset
+    paper: str | None = None  # whose numbers in the paper's tables to print beside ours
 
 
 DATASET_DEFAULTS: dict[str, DatasetDefaults] = {
@@ -28,20 +30,24 @@ DATASET_DEFAULTS: dict[str, DatasetDefaults] = {
         0.03, 0.0075, 10, 79_800, 32, "wrn-32-10", 1e-3, True,
         source="App. A: eps 0.03, step 0.0075, 10 steps, 79,800 steps, batch 32, Adam 1e-3; "
         "WRN-32-10 from code (Madry cifar10_challenge model)",
+        label="CIFAR-10", paper="cifar10",
     ),
     "cifar100": DatasetDefaults(
         0.03, 0.0075, 7, 79_800, 32, "wrn-32-10", 1e-3, True,
         source="App. A: as CIFAR-10 but 7 attack steps",
+        label="CIFAR-100", paper="cifar100",
     ),
     "stl10": DatasetDefaults(
         0.03, 0.0075, 7, 29_700, 32, "wrn-40-2", 1e-3, True,
         source="App. A: eps 0.03, step 0.0075, 7 steps, 29,700 steps; 'w40-2' WRN from code",
+        label="STL-10", paper="stl10",
     ),
     # An image folder is usually the CIFAR-10 JPEG copy (shared/data), so it takes CIFAR-10's
     # numbers; every one can be overridden on the command line.
     "folder": DatasetDefaults(
         0.03, 0.0075, 10, 79_800, 32, "wrn-32-10", 1e-3, True,
         source="CIFAR-10's row (App. A), since the usual folder is the CIFAR-10 JPEG copy",
+        label="folder (e.g. CIFAR-10 JPEG copy)", paper="cifar10",
     ),
     # The embedded default: scikit-learn's 8x8 digits (17 grey levels, 1/16 apart). Not in the
     # paper. eps 0.2 (3.2 grey levels) is where an undefended CNN falls to 0% under PGD-10 while
@@ -54,5 +60,6 @@ DATASET_DEFAULTS: dict[str, DatasetDefaults] = {
         source="robench choice (not in the paper): eps/step ratio and attack steps as App. A "
         "CIFAR-10; eps, batch and step count sized for 2 CPU cores; no flip, digits are not "
         "mirror-symmetric",
+        label="digits (8x8, scikit-learn)",
     ),
 }

@@ -15,14 +15,13 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
 from robench import checkpoint
-from robench.attack import Attack, ThreatModelError
+from robench.attack import Attack, ThreatModelError, make_attack
 from robench.config import DATASET_DEFAULTS
 from robench.data import Splits
 from robench.distributed import Dist
@@ -33,48 +32,6 @@ from robench.store import Examples, Key, Partial, Row, Store, now, split_digest,
 from robench.targets import Target, target_from_file, target_from_run, trained_runs
 
 CLEAN = "clean"
-
-
-def make_attack(name: str, dataset: str, eps: float | None = None, overrides: dict[str, Any] | None = None,
-                autocast=None, seed: int | None = None) -> Attack:
-    """The named attack with the dataset's paper defaults. A user ``eps`` keeps the dataset's
-    step/eps ratio (App. A: step = eps / 4); ``seed`` is the attack's seed unless the overrides
-    name one."""
-    defaults = DATASET_DEFAULTS[dataset]
-    if eps is not None and eps != defaults.eps:
-        if not 0 < eps <= 1:
-            raise UserError(f"--eps must be in (0, 1], got {eps}")
-        # rounded, so that float noise in the ratio never makes a new result key
-        step = round(defaults.step_size * eps / defaults.eps, 12)
-        defaults = dataclasses.replace(defaults, eps=eps, step_size=step)
-    cls = ATTACKS.get(name)
-    overrides = dict(overrides or {})
-    if seed is not None:
-        overrides.setdefault("seed", seed)
-    _check_option_types(name, cls.for_dataset(defaults), overrides)
-    attack = cls.for_dataset(defaults, **overrides)
-    if autocast is not None and hasattr(attack, "autocast"):
-        attack.autocast = autocast
-    return attack
-
-
-def _check_option_types(name: str, reference: Attack, overrides: dict[str, Any]) -> None:
-    """A numeric or boolean parameter given as another type (``-o pgd.attack_steps=abc``) is a
-    UserError here rather than a TypeError deep inside the attack."""
-    for param, value in overrides.items():
-        default = getattr(reference, param, None)
-        if value is None or default is None:
-            continue
-        if isinstance(default, bool):
-            ok = isinstance(value, bool)
-        elif isinstance(default, (int, float)):
-            ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-            ok = ok and (isinstance(value, int) or isinstance(default, float))
-        else:
-            continue
-        if not ok:
-            raise UserError(f"-o {name}.{param}={value!r}: expected {type(default).__name__}, "
-                            f"e.g. -o {name}.{param}={default!r}".replace("True", "true").replace("False", "false"))
 
 
 def todo_ranges(covered: np.ndarray, batch_size: int, unit: int = 1) -> list[tuple[int, int]]:

@@ -54,12 +54,3 @@ TABLE2: dict[str, dict[str, dict[str, tuple[float, float]]]] = {
         "rlfat-t": dict(brightness=(1.00, 0.98), gamma=(0.95, 0.88)),
     },
 }
-
-# Dataset facts the report prints; they belong with the per-dataset defaults (robench.config) and
-# live here until they move there. Display names:
-DATASET_LABELS = {
-    "cifar10": "CIFAR-10", "cifar100": "CIFAR-100", "stl10": "STL-10",
-    "digits": "digits (8x8, scikit-learn)", "folder": "folder (e.g. CIFAR-10 JPEG copy)",
-}
-# Whose TABLE1 / TABLE2 numbers to print beside ours; the image folder is usually the CIFAR-10 JPEG copy.
-PAPER_DATASET = {"cifar10": "cifar10", "cifar100": "cifar100", "stl10": "stl10", "folder": "cifar10"}

@@ -18,27 +18,25 @@ import csv
 import dataclasses
 import io
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from robench import atomic, checkpoint
 from robench.config import DATASET_DEFAULTS
 from robench.data import Splits, load_dataset
+from robench.defense import Defense, RandomBlockShuffle, make_defense, param_names
+from robench.distributed import Dist
 from robench.errors import UserError
 from robench.models import build_model
-from robench.rbs import MODES as RBS_MODES
 from robench.registry import DEFENSES
 from robench.runtime import Runtime
 from robench.seeding import mix
 from robench.workdir import runs_dir
-from torch.nn.parallel import DistributedDataParallel
-from robench.defense import ATTACK_MODES, Defense
-from robench.distributed import Dist
 
 LOG = "train_log.csv"
 LOG_FIELDS = ("step", "loss", "train_acc", "elapsed_s")
@@ -46,7 +44,9 @@ LOG_FIELDS = ("step", "loss", "train_acc", "elapsed_s")
 
 @dataclass
 class TrainConfig:
-    """Everything that determines the trained weights. ``None`` means the dataset's default."""
+    """Everything that determines the trained weights. ``None`` means the dataset's default;
+    ``options`` are the defense's settings (its dataclass fields, ``robench.defense``), each
+    unset one at the defense's default or, for the threat model, the dataset's."""
 
     defense: str
     dataset: str = "digits"
@@ -54,21 +54,13 @@ class TrainConfig:
     steps: int | None = None
     batch_size: int | None = None
     lr: float | None = None
-    eps: float | None = None
-    step_size: float | None = None
-    attack_steps: int | None = None
-    lam: float | None = None  # TRADES' lambda (defense default 6)
-    eta: float | None = None  # RLFAT's eta (defense default: 0.5 for -P, 1 for -T)
-    rbs_k: int = 2
-    rbs_mode: str = "batch"  # "batch": official code; "image": per-image RBS
-    attack_mode: str = "eval"  # "eval": our default; "train": official code
     flip: bool | None = None
     seed: int = 0
     n_train: int | None = None  # train on the first n examples (CPU-scale runs)
-    # RBS never returns its input unchanged (off: the official code, ~27% unchanged at k=2)
-    rbs_exclude_identity: bool = False
+    options: dict[str, Any] = field(default_factory=dict)
 
     def resolved(self) -> "TrainConfig":
+        """Every default filled in: the dataset's numbers, and the defense's full settings."""
         defaults = DATASET_DEFAULTS.get(self.dataset)
         if defaults is None:
             raise UserError(f"unknown dataset {self.dataset!r}; choose from: {', '.join(sorted(DATASET_DEFAULTS))}")
@@ -77,34 +69,49 @@ class TrainConfig:
                   if hasattr(self, f.name) and getattr(self, f.name) is None}
         filled["steps"] = self.steps if self.steps is not None else defaults.train_steps
         cfg = dataclasses.replace(self, **filled)
-        probe = defense(cfg.eps, cfg.step_size, cfg.attack_steps, lam=cfg.lam, eta=cfg.eta)
-        cfg = dataclasses.replace(cfg, lam=probe.lam, eta=probe.eta)
         cfg.validate()
-        return cfg
+        clash = sorted(set(param_names(defense)) & set(CONFIG_FIELDS))
+        if clash:
+            raise UserError(f"defense {self.defense}'s parameter(s) {', '.join(clash)} clash with the training "
+                            f"settings of the same name; rename them")
+        return dataclasses.replace(cfg, options=cfg.make_defense().params())
 
     def validate(self) -> None:
         checks = [
             (self.steps > 0, f"--steps must be positive, got {self.steps}"),
             (self.batch_size > 0, f"--batch-size must be positive, got {self.batch_size}"),
             (self.lr > 0, f"--lr must be positive, got {self.lr}"),
-            (0 < self.eps <= 1, f"--eps must be in (0, 1], got {self.eps}"),
-            (self.step_size > 0, f"--step-size must be positive, got {self.step_size}"),
-            (self.attack_steps > 0, f"--attack-steps must be positive, got {self.attack_steps}"),
-            (self.rbs_k >= 1, f"--rbs-k must be at least 1, got {self.rbs_k}"),
-            (self.rbs_mode in RBS_MODES, f"--rbs-mode must be one of {', '.join(RBS_MODES)}"),
-            (isinstance(self.rbs_exclude_identity, bool),
-             f"rbs_exclude_identity must be true or false, got {self.rbs_exclude_identity!r}"),
-            (self.attack_mode in ATTACK_MODES, f"--attack-mode must be one of {', '.join(ATTACK_MODES)}"),
             (self.n_train is None or self.n_train > 0, f"--n-train must be positive, got {self.n_train}"),
-            (self.lam is None or self.lam >= 0, f"--lam must be non-negative, got {self.lam}"),
-            (self.eta is None or self.eta >= 0, f"--eta must be non-negative, got {self.eta}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise UserError(message)
 
+    def make_defense(self) -> Defense:
+        return make_defense(self.defense, self.dataset, self.options)
+
+    def record(self) -> dict[str, Any]:
+        """What the checkpoint's ``config`` holds: every setting, flat (the defense's beside the
+        loop's), as records made before defense settings were ``options`` hold them."""
+        flat = {k: v for k, v in dataclasses.asdict(self).items() if k != "options"}
+        return {**flat, **self.options}
+
     def default_name(self) -> str:
         return f"{self.defense}-{self.dataset}-s{self.seed}"
+
+
+# The training loop's own settings; a defense's settings must not reuse these names.
+CONFIG_FIELDS = tuple(f.name for f in dataclasses.fields(TrainConfig) if f.name != "options")
+
+
+def changed_settings(cfg: TrainConfig, saved: dict[str, Any]) -> list[str]:
+    """The settings of resolved ``cfg`` that differ from a checkpoint's ``config`` record (the
+    step count may grow). A setting added after the run was made is compared with its default;
+    a recorded one the defense no longer has (``lam`` of PGDAT, in old records) changed nothing."""
+    defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
+    defaults.update((f.name, f.default) for f in dataclasses.fields(DEFENSES.get(cfg.defense)))
+    return [k for k, v in cfg.record().items()
+            if k != "steps" and saved.get(k, defaults.get(k)) != v]
 
 
 def check_run_name(name: str | None) -> None:
@@ -140,9 +147,11 @@ def seed_step(cfg: TrainConfig, step: int, rank: int, defense: Defense) -> None:
     """Seed every random draw of training step ``step`` on ``rank``: the global RNG (flip, PGD
     start) per (seed, step, rank); RBS per (seed, step) in batch mode, per rank in image mode."""
     torch.manual_seed(step_seed(cfg.seed, step, rank))
-    if defense.rbs_generator is None:
-        defense.rbs_generator = torch.Generator()
-    defense.rbs_generator.manual_seed(rbs_seed(cfg.seed, step, rank if cfg.rbs_mode == "image" else None))
+    if isinstance(defense, RandomBlockShuffle):
+        if defense.rbs_generator is None:
+            defense.rbs_generator = torch.Generator()
+        per_rank = rank if defense.rbs_mode == "image" else None
+        defense.rbs_generator.manual_seed(rbs_seed(cfg.seed, step, per_rank))
 
 
 class BatchOrder:
@@ -222,11 +231,7 @@ def train(
         raise UserError(f"run {run_dir} already exists (step {meta['step']}/{meta['config']['steps']}); "
                         f"pass --resume to continue it or --name to start another")
     if resume and existing:
-        saved = checkpoint.read_meta(run_dir)["config"]
-        # A setting added after the run was made is compared with its default.
-        defaults = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
-        differ = [k for k, v in dataclasses.asdict(cfg).items()
-                  if k != "steps" and saved.get(k, defaults.get(k)) != v]
+        differ = changed_settings(cfg, checkpoint.read_meta(run_dir)["config"])
         if differ:
             raise UserError(f"--resume with settings that differ from the run in {run_dir}: {', '.join(differ)}")
 
@@ -251,15 +256,13 @@ def train(
     attack_forward = runtime.maybe_compile(model)
     forward = DistributedDataParallel(model) if dist.active else model
     forward = runtime.maybe_compile(forward) if dist.active else attack_forward
-    defense = DEFENSES.get(cfg.defense)(
-        cfg.eps, cfg.step_size, cfg.attack_steps, lam=cfg.lam, eta=cfg.eta, rbs_k=cfg.rbs_k,
-        rbs_mode=cfg.rbs_mode, attack_mode=cfg.attack_mode, rbs_exclude_identity=cfg.rbs_exclude_identity,
-        autocast=runtime.autocast)
+    defense = cfg.make_defense()
+    defense.autocast = runtime.autocast
     order = BatchOrder(len(x_train), cfg.batch_size, cfg.seed)
     base_meta = {
         "defense": cfg.defense, "dataset": cfg.dataset, "arch": cfg.arch, "in_channels": c,
         "image_size": [h, w], "num_classes": splits.num_classes, "classes": splits.classes,
-        "config": dataclasses.asdict(cfg), "objective": defense.hyperparameters(),
+        "config": cfg.record(), "objective": defense.params(),
         "runtime": {"device": str(runtime.device), "amp": runtime.amp, "compile": runtime.compile},
     }
     log_path = run_dir / LOG
@@ -346,8 +349,3 @@ def _all(flag: torch.Tensor, dist: Dist) -> bool:
         flag = flag.to(torch.int32)
         torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MIN)
     return bool(flag)
-
-
-def build_from_meta(meta: dict) -> nn.Module:
-    return build_model(meta["arch"], meta["in_channels"], meta["num_classes"])
-

@@ -25,6 +25,29 @@ def default_workdir() -> Path:
     return Path(value).expanduser()
 
 
+def resolve_workdir(workdir: Path | None) -> Path:
+    """``--workdir`` as given, else the default; a file, a run's own folder or a workdir's runs/
+    folder given instead of the workdir is refused."""
+    workdir = workdir if workdir is not None else default_workdir()
+    if workdir.exists() and not workdir.is_dir():
+        raise UserError(f"workdir {workdir} is a file, not a directory; pass another --workdir")
+    if (workdir / checkpoint.META).is_file():
+        raise UserError(f"workdir {workdir} is a run's folder; pass the workdir that holds it: "
+                        f"--workdir {workdir.parent.parent}")
+    if workdir.name == "runs" and any(workdir.glob(f"*/{checkpoint.META}")) \
+            and not (workdir / "runs").exists():
+        raise UserError(f"workdir {workdir} is the runs/ folder of a workdir; pass --workdir {workdir.parent}")
+    return workdir
+
+
+def existing_workdir(workdir: Path | None) -> Path:
+    """The workdir of a command that only reads one: it must exist (else it is a typo)."""
+    resolved = resolve_workdir(workdir)
+    if not resolved.exists():
+        raise UserError(f"workdir {resolved} does not exist; pass the --workdir you trained in")
+    return resolved
+
+
 def runs_dir(workdir: Path) -> Path:
     return Path(workdir) / "runs"
 

@@ -29,8 +29,8 @@ def trained_workdir(tmp_path_factory, digits):
     from robench.train import TrainConfig, train
 
     workdir = tmp_path_factory.mktemp("workdir")
-    for defense, steps in (("standard", 150), ("pgdat", 150)):
-        cfg = TrainConfig(defense, "digits", arch="tiny-cnn", steps=steps, attack_steps=3)
+    for defense, steps, options in (("standard", 150, {}), ("pgdat", 150, {"attack_steps": 3})):
+        cfg = TrainConfig(defense, "digits", arch="tiny-cnn", steps=steps, options=options)
         train(cfg, workdir, splits=digits, progress=False, checkpoint_every=steps, log_every=50)
     return workdir
 

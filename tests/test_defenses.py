@@ -1,12 +1,13 @@
 """Each defense's loss equals the DESIGN.md formula computed by hand on a fixed tiny batch."""
 
+import dataclasses
 import math
 
 import pytest
 import torch
 from torch import nn
 
-from robench.defense import Defense
+from robench.defense import AdversarialDefense, Defense
 from robench.registry import DEFENSES
 
 B, D, K = 3, 4, 3
@@ -70,10 +71,16 @@ def expected(name, model, x, x_adv, y):
     }[name]
 
 
+def make(name, *threat):
+    """The defense; the threat model (eps, step, steps) only where it has an adversary."""
+    cls = DEFENSES[name]
+    return cls(*threat) if issubclass(cls, AdversarialDefense) else cls()
+
+
 @pytest.mark.parametrize("name", DEFENSES.names())
 def test_loss_matches_hand_computed(name):
     model, x, x_adv, y = tiny_batch()
-    defense = DEFENSES[name](0.1, 0.025, 3)
+    defense = make(name, 0.1, 0.025, 3)
     defense.rbs = fixed_rbs
     loss, _ = defense.loss(model, x, x_adv, y)
     assert loss.item() == pytest.approx(expected(name, model, x, x_adv, y), rel=1e-5, abs=1e-6)
@@ -128,7 +135,7 @@ def test_adversarial_raises_the_loss():
 
 def test_standard_has_no_adversary():
     model = nn.Sequential(nn.Flatten(), nn.Linear(64, 10))
-    assert DEFENSES["standard"](0.1, 0.025, 10).adversarial(model, torch.rand(2, 1, 8, 8), torch.tensor([0, 1])) is None
+    assert make("standard", 0.1, 0.025, 10).adversarial(model, torch.rand(2, 1, 8, 8), torch.tensor([0, 1])) is None
 
 
 def bn_model():
@@ -148,13 +155,13 @@ def test_attack_mode_controls_batchnorm_statistics(mode, moves):
     assert (not torch.equal(before, model[1].running_mean)) == moves
 
 
-def test_hyperparameters_record_what_matters():
-    hp = DEFENSES["rlfat-t"](0.03, 0.0075, 10, rbs_mode="image").hyperparameters()
+def test_params_record_what_matters():
+    hp = DEFENSES["rlfat-t"](0.03, 0.0075, 10, rbs_mode="image").params()
     assert hp == {"eps": 0.03, "step_size": 0.0075, "attack_steps": 10, "attack_mode": "eval",
                   "lam": 6.0, "eta": 1.0, "rbs_k": 2, "rbs_mode": "image", "rbs_exclude_identity": False}
-    hp = DEFENSES["rlfat-p"](0.03, 0.0075, 10, rbs_exclude_identity=True).hyperparameters()
+    hp = DEFENSES["rlfat-p"](0.03, 0.0075, 10, rbs_exclude_identity=True).params()
     assert hp["rbs_exclude_identity"] is True and hp["rbs_mode"] == "batch"
-    assert "eta" not in DEFENSES["pgdat"](0.03, 0.0075, 10).hyperparameters()
+    assert "eta" not in DEFENSES["pgdat"](0.03, 0.0075, 10).params()
     assert isinstance(DEFENSES["pgdat"](0.03, 0.0075, 10), Defense)
 
 
@@ -190,7 +197,7 @@ def test_rbs_draws_from_the_defenses_generator():
 
 
 def test_settings_name_what_each_objective_uses():
-    s = {name: DEFENSES[name].settings() for name in DEFENSES.names()}
+    s = {name: {f.name for f in dataclasses.fields(DEFENSES[name])} for name in DEFENSES.names()}
     rbs = {"rbs_k", "rbs_mode", "rbs_exclude_identity"}
     attack = {"eps", "step_size", "attack_steps", "attack_mode"}
     assert s["standard"] == set()

@@ -13,7 +13,9 @@ from robench import checkpoint
 from robench.attack import BALL_TOL
 from robench.errors import UserError
 from robench.config import DATASET_DEFAULTS
-from robench.evaluate import make_attack, run_eval, target_from_file, target_from_run
+from robench.attack import make_attack
+from robench.evaluate import run_eval
+from robench.targets import target_from_file, target_from_run
 from robench.registry import ATTACKS
 from robench.store import Examples, Key, Partial, Row, Store, wilson, worst_case
 from robench.runtime import Runtime

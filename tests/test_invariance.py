@@ -10,7 +10,8 @@ import pytest
 import torch
 
 from robench.errors import UserError
-from robench.evaluate import make_attack, run_eval, todo_ranges
+from robench.attack import make_attack
+from robench.evaluate import run_eval, todo_ranges
 from robench.registry import ATTACKS
 from robench.store import Store
 from robench.runtime import Runtime
@@ -97,7 +98,7 @@ def test_todo_ranges_cover_what_is_missing_in_whole_groups():
 
 
 def test_the_attack_seed_is_honoured(digits, trained_workdir):
-    from robench.evaluate import target_from_run
+    from robench.targets import target_from_run
     from robench.workdir import find_run
 
     run_dir, _ = find_run(trained_workdir, "pgdat", "digits")

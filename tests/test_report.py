@@ -14,7 +14,7 @@ from robench import checkpoint, paper
 from robench.attack import Attack
 from robench.config import DATASET_DEFAULTS
 from robench.defense import Defense
-from robench.evaluate import make_attack
+from robench.attack import make_attack
 from robench.rbs import rbs, rbs_plan
 from robench.registry import ATTACKS, DEFENSES
 from robench.report import md_table, write_report

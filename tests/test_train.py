@@ -16,7 +16,12 @@ FAST = dict(arch="tiny-cnn", steps=24, attack_steps=2, n_train=256)
 
 
 def cfg(defense="rlfat-t", **kw):
-    return TrainConfig(defense, "digits", **{**FAST, **kw})
+    """A TrainConfig; keyword arguments that are not its fields are the defense's ``options``."""
+    kw = {**FAST, **kw}
+    if defense == "standard":
+        del kw["attack_steps"]  # no adversary, so no attack settings
+    own = {k: v for k, v in kw.items() if k in train_mod.CONFIG_FIELDS}
+    return TrainConfig(defense, "digits", **own, options={k: v for k, v in kw.items() if k not in own})
 
 
 def weights(run_dir):
@@ -153,8 +158,7 @@ def _draws(defense_name, mode, step, rank, exclude=False):
     """What ``train`` draws at ``step`` on ``rank``: the global RNG (flip, PGD start) and the
     shuffle RBS applies (shown on an image whose pixels are numbered)."""
     c = cfg(defense_name, rbs_mode=mode, rbs_exclude_identity=exclude).resolved()
-    d = train_mod.DEFENSES[defense_name](c.eps, c.step_size, c.attack_steps, rbs_mode=mode,
-                                         rbs_exclude_identity=exclude)
+    d = c.make_defense()
     train_mod.seed_step(c, step, rank, d)
     flip = torch.rand(8)
     probe = torch.arange(2 * 64, dtype=torch.float32).reshape(2, 1, 8, 8)
@@ -203,6 +207,38 @@ def test_run_from_before_a_setting_existed_resumes(tmp_path, digits):
     del meta["config"]["rbs_exclude_identity"]
     (run_dir / "checkpoint.json").write_text(json.dumps(meta))
     assert run(tmp_path, digits, "old", c=cfg(steps=8), resume=True).meta["step"] == 8
+
+
+def test_run_from_before_defense_options_resumes(tmp_path, digits):
+    """A record written when every defense setting was a TrainConfig field (PGDAT with lam, eta
+    and the RBS settings it never used) resumes; a changed setting that it uses is refused."""
+    c = cfg("pgdat", steps=4)
+    run_dir = run(tmp_path, digits, "old", c=c).run_dir
+    meta = json.loads((run_dir / "checkpoint.json").read_text())
+    meta["config"].update(lam=0.0, eta=0.0, rbs_k=2, rbs_mode="batch", rbs_exclude_identity=False)
+    (run_dir / "checkpoint.json").write_text(json.dumps(meta))
+    assert run(tmp_path, digits, "old", c=cfg("pgdat", steps=8), resume=True).meta["step"] == 8
+    with pytest.raises(UserError, match="differ.*attack_mode"):
+        run(tmp_path, digits, "old", c=cfg("pgdat", steps=12, attack_mode="train"), resume=True)
+
+
+def test_options_are_resolved_against_the_defense(digits):
+    c = cfg("trades", lam=3).resolved()
+    assert c.options == {"eps": 0.2, "step_size": 0.05, "attack_steps": 2, "attack_mode": "eval", "lam": 3.0}
+    assert c.record()["lam"] == 3.0 and c.record()["steps"] == 24
+    with pytest.raises(UserError, match="defense pgdat has no parameter.* lam; its parameters: eps, step_size"):
+        cfg("pgdat", lam=3).resolved()
+    with pytest.raises(UserError, match="defense standard has no parameter.* attack_steps; its parameters: none"):
+        TrainConfig("standard", options={"attack_steps": 3}).resolved()
+
+
+def test_shortcut_flags_feed_the_same_options_as_o():
+    from robench.cli.training import defense_options
+
+    flags = dict(lam=3.0, rbs_mode=None, rbs_exclude_identity=False)
+    assert defense_options("trades", (), flags) == defense_options("trades", ("trades.lam=3.0",), {}) == {"lam": 3.0}
+    both = defense_options("rlfat-p", ("rlfat-p.rbs_k=3",), dict(rbs_exclude_identity=True, rbs_mode="image"))
+    assert both == {"rbs_k": 3, "rbs_exclude_identity": True, "rbs_mode": "image"}
 
 
 def test_n_train_larger_than_the_training_set_is_refused(tmp_path, digits):

@@ -174,7 +174,7 @@ def test_runs_are_saved_as_safetensors(run):
 
 def package_sources():
     roots = {Path(m.__file__).parent for m in (robench, robench.attacks, robench.defenses)}
-    files = sorted(p for root in roots for p in root.glob("*.py"))
+    files = sorted(p for root in roots for p in root.rglob("*.py"))
     assert len(files) > 20
     return files
 

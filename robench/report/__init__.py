@@ -30,12 +30,9 @@ __all__ = [
 ]
 
 
-def write_report(workdir: Path, out: Path, rbs_image=None) -> Path:
+def write_report(workdir: Path, out: Path) -> Path:
     """Write ``out/report.md`` and its PNG figures from ``workdir``; returns the report's path.
-
-    The RBS figure shows the first image ``robench salience`` stored in the workdir; ``rbs_image``,
-    a (C, H, W) tensor in [0, 1], overrides it (kept for callers that still pass one).
-    """
+    The RBS figure shows the first image ``robench salience`` stored in the workdir."""
     workdir, out = Path(workdir), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     wd = load_workdir(workdir)
@@ -44,7 +41,7 @@ def write_report(workdir: Path, out: Path, rbs_image=None) -> Path:
     summary = [f"**{n_warn} gradient-masking warning(s)**; see that section.", ""] if n_warn else []
     lines = [*section_intro(wd), *summary, *section_table1(wd), *section_table2(wd), *section_ablation(wd, out),
              *section_eps(wd, out), *section_sweeps(wd, out), *section_salience(wd, out),
-             *section_training(wd, out), *section_rbs(wd, out, rbs_image), *section_masking(wd, checks),
+             *section_training(wd, out), *section_rbs(wd, out), *section_masking(wd, checks),
              *section_missing(wd), *section_provenance(wd)]
     path = out / REPORT
     atomic.write_text(path, "\n".join(lines).rstrip() + "\n")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
-from robench import paper
+from robench.config import DATASET_DEFAULTS
 from robench.report.queries import differs, params
 from robench.store import Row
 
@@ -36,8 +36,15 @@ def sens_cell(row: Row | None) -> str:
     return num(row.value) if row.ci is None else f"{num(row.value)} [{num(row.ci[0])}–{num(row.ci[1])}]"
 
 
+def paper_dataset(dataset: str) -> str | None:
+    """Whose numbers in the paper's tables compare with ``dataset``'s (None: no such numbers)."""
+    defaults = DATASET_DEFAULTS.get(dataset)
+    return defaults.paper if defaults is not None else None
+
+
 def dataset_label(dataset: str) -> str:
-    return paper.DATASET_LABELS.get(dataset, dataset)
+    defaults = DATASET_DEFAULTS.get(dataset)
+    return defaults.label if defaults is not None else dataset
 
 
 def eps_text(eps: float) -> str:

@@ -8,7 +8,7 @@ from robench.report.cells import md_table, pct, result_label
 from robench.report.queries import Reported, Run, params, sort_key
 from robench.store import Row
 
-CONFIG_KEYS = ("eps", "step_size", "attack_steps", "lam", "eta", "rbs_mode", "attack_mode", "batch_size", "lr", "seed")
+TRAINING_KEYS = ("batch_size", "lr", "seed")  # beside the defense's own settings (its "objective")
 RUN_HEAD = ["defense", "dataset", "arch", "sha256 (16)", "step", "hyper-parameters", "versions", "device",
             "train time", "saved", "run"]
 
@@ -16,9 +16,9 @@ RUN_HEAD = ["defense", "dataset", "arch", "sha256 (16)", "step", "hyper-paramete
 def run_row(run: Run) -> list[str]:
     m = run.meta
     cfg = m.get("config", {})
-    # The objective record names only what the defense uses (no lam without a KL term, no eta without RBS).
-    used = set(m["objective"]) | {"batch_size", "lr", "seed"} if "objective" in m else set(CONFIG_KEYS)
-    hp = ", ".join(f"{k}={cfg[k]}" for k in CONFIG_KEYS if k in used and cfg.get(k) is not None)
+    # The objective record holds exactly the defense's settings, a plugin's own ones included.
+    settings = {**m.get("objective", {}), **{k: cfg[k] for k in TRAINING_KEYS if cfg.get(k) is not None}}
+    hp = ", ".join(f"{k}={v}" for k, v in settings.items())
     versions = ", ".join(f"{k} {v}" for k, v in m.get("versions", {}).items())
     seconds = m.get("train_seconds")
     return [m["defense"], m["dataset"], m.get("arch", "?"), f"`{run.sha[:16]}`",

@@ -119,12 +119,12 @@ def pick(rows: Iterable[Row]) -> Row | None:
 
 def default_eps(run: Run) -> float:
     defaults = DATASET_DEFAULTS.get(run.dataset)
-    return defaults.eps if defaults is not None else float(run.meta["config"]["eps"])
+    return defaults.eps if defaults is not None else float(run.meta["objective"].get("eps", "nan"))
 
 
 @functools.lru_cache(maxsize=None)
 def _default_params(name: str, dataset: str, eps: float | None) -> str | None:
-    from robench.evaluate import make_attack
+    from robench.attack import make_attack
 
     try:
         return canonical(make_attack(name, dataset, eps).params())

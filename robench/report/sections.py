@@ -6,7 +6,8 @@ import time
 from pathlib import Path
 
 from robench import atomic, paper
-from robench.report.cells import acc_cell, dataset_label, eps_text, md_table, pct, sens_cell, setting_text
+from robench.report.cells import (acc_cell, dataset_label, eps_text, md_table, paper_dataset, pct, sens_cell,
+                                  setting_text)
 from robench.report.figures import (BarPanel, LinePanel, bars_figure, lines_figure, rbs_figure, salience_image,
                                     salience_png)
 from robench.report.plugins import CLEAN, ablation_chains, attack_order, colors, label, ordered, paper_attacks, \
@@ -88,7 +89,7 @@ def other_settings_table(wd: Reported, ds: str) -> list[str]:
 
 
 def paper_table1(ds: str, per: dict[str, dict[str, Row]], eps: float) -> list[str]:
-    src = paper.PAPER_DATASET.get(ds)
+    src = paper_dataset(ds)
     if src is None:
         return []
     table = paper.TABLE1[src]
@@ -115,7 +116,7 @@ def section_table2(wd: Reported) -> list[str]:
     head = ["defense", *(f"{t} l({v:g})" for t, v in points)]
     any_rows = False
     for ds in wd.datasets():
-        src = paper.PAPER_DATASET.get(ds)
+        src = paper_dataset(ds)
         body = []
         for d in wd.defenses(ds):
             rows = wd.results(ds, d)
@@ -261,18 +262,16 @@ def section_training(wd: Reported, out: Path) -> list[str]:
                     "![training curves](training.png)", ""]
 
 
-def section_rbs(wd: Reported, out: Path, image=None) -> list[str]:
-    """Figure 1 on ``image`` if given, else on the first image ``robench salience`` stored for the
-    newest run's dataset (the report reads the workdir, never a dataset)."""
+def section_rbs(wd: Reported, out: Path) -> list[str]:
+    """Figure 1 on the first image ``robench salience`` stored for the newest run's dataset (the
+    report reads the workdir, never a dataset)."""
     lines = ["## Random Block Shuffle (paper Fig. 1)", ""]
-    what = "The given image"
-    if image is None:
-        datasets = list(dict.fromkeys(ds for ds, _ in wd.runs))  # newest run's dataset first
-        found = next(((ds, img) for ds in datasets if (img := salience_image(wd.path, ds)) is not None), None)
-        if found is None:
-            return lines + ["Not drawn: the workdir holds no salience images yet (`robench salience` stores "
-                            "them, and this figure shows the first).", ""]
-        what, image = f"The first image of the {dataset_label(found[0])} salience figure", found[1]
+    datasets = list(dict.fromkeys(ds for ds, _ in wd.runs))  # newest run's dataset first
+    found = next(((ds, img) for ds in datasets if (img := salience_image(wd.path, ds)) is not None), None)
+    if found is None:
+        return lines + ["Not drawn: the workdir holds no salience images yet (`robench salience` stores "
+                        "them, and this figure shows the first).", ""]
+    what, image = f"The first image of the {dataset_label(found[0])} salience figure", found[1]
     rbs_figure(image, out / "rbs.png", k=2, seed=0)
     return lines + [f"{what}, its k = 2 RBS blocks (each in its own colour) and the shuffled image with "
                     "the colours following the blocks.", "", "![RBS](rbs.png)", ""]

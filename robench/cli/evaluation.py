@@ -1,0 +1,132 @@
+"""The ``robench eval``, ``robench sensitivity`` and ``robench salience`` commands."""
+
+from __future__ import annotations
+
+import click
+
+from robench.cli.options import (check_data_dir, command, device_options, distributed, parse_overrides,
+                                 path_option, set_option, split_eps, split_names, workdir_option)
+from robench.errors import UserError
+
+
+@command(name="eval")
+@click.option("--defense", "defenses", default=None,
+              help="Trained defense(s) in the workdir, comma-separated, e.g. rlfat-p,trades.")
+@path_option("--checkpoint", "checkpoint_path", default=None,
+             help="Evaluate a model file trained elsewhere (.safetensors or a weights-only state dict).")
+@click.option("--arch", default=None, help="Architecture of --checkpoint [default: the dataset's].")
+@click.option("--dataset", default=None,
+              help="[default: the dataset the defense's newest checkpoint was trained on]")
+@path_option("--data-dir", default=None)
+@click.option("--attacks", default="pgd,cw,nattack", show_default=True,
+              help="Comma-separated; see `robench list`.")
+@click.option("--n", "--n-examples", "n", type=int, default=None,
+              help="First N test images (--n-examples under torchrun, whose parser claims --n) [default: the whole test set; 1500 for nattack, as in the paper].")
+@click.option("--eps", default=None,
+              help="L-inf radius, or several comma-separated for an accuracy-vs-eps curve "
+                   "[default: the dataset's]; the step size keeps the dataset's step/eps ratio.")
+@click.option("-o", "--attack-option", "options", multiple=True,
+              help="Attack parameter, ATTACK.PARAM=VALUE, repeatable (e.g. -o nattack.iterations=100).")
+@click.option("--faithful", is_flag=True, help="N-attack: the official code's margin quirk.")
+@click.option("--nattack-chunk", type=int, default=None, help="N-attack: images per forward chunk.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@workdir_option
+@device_options
+def eval_(defenses, checkpoint_path, arch, dataset, data_dir, attacks, n, eps, options, faithful, nattack_chunk,
+          batch_size, seed, as_json, progress, workdir, device, amp, compile_):
+    """Evaluate defenses under attacks, e.g. `robench eval --defense rlfat-p --attacks pgd,cw,nattack`."""
+    import json
+
+    from robench.evaluate import run_eval
+    from robench.runtime import Runtime
+    from robench.workdir import resolve_workdir
+
+    if (defenses is None) == (checkpoint_path is None):
+        raise UserError("pass --defense NAME[,NAME...] (trained in the workdir) or --checkpoint FILE")
+    if checkpoint_path is not None and checkpoint_path.is_dir():
+        raise UserError(f"--checkpoint {checkpoint_path} is a directory; pass the model file (.safetensors, .pt)")
+    if arch is not None and checkpoint_path is None:
+        raise UserError("--arch applies to --checkpoint only; a trained run records its own architecture")
+    names = split_names(defenses, "--defense") if defenses is not None else []
+    attack_names = split_names(attacks, "--attacks")
+    workdir = resolve_workdir(workdir)
+    check_data_dir(data_dir, dataset, names, workdir)
+    overrides = parse_overrides(options)
+    if faithful:
+        set_option(overrides, "nattack", "faithful", True, "--faithful")
+    if nattack_chunk is not None:
+        set_option(overrides, "nattack", "chunk", nattack_chunk, "--nattack-chunk")
+    eps_list = split_eps(eps) if eps is not None else [None]
+    if eps is not None:
+        both = sorted(a for a, params in overrides.items() if "eps" in params)
+        if both:
+            raise UserError(f"--eps and -o {both[0]}.eps both set the radius; give one of them")
+    with distributed(device) as (d, device):
+        report = run_eval(
+            defenses=names, checkpoint_path=checkpoint_path,
+            arch=arch, dataset=dataset, data_dir=data_dir, attacks=attack_names, n=n,
+            eps_list=eps_list, overrides=overrides, batch_size=batch_size, seed=seed,
+            workdir=workdir, runtime=Runtime.create(device, amp, compile_), progress=progress, dist=d)
+    if d.main:
+        click.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.table())
+
+
+@command()
+@click.option("--defense", "defenses", required=True, help="Trained defense(s), comma-separated.")
+@click.option("--dataset", default=None, help="[default: the dataset each defense was trained on]")
+@path_option("--data-dir", default=None)
+@click.option("--n", "--n-examples", "n", type=int, default=None, help="First N test images [default: all].")
+@click.option("--sweep/--no-sweep", default=True, show_default=True,
+              help="Also sweep brightness and gamma over a range, for the report's curves.")
+@click.option("--batch-size", type=int, default=256, show_default=True)
+@click.option("--progress/--no-progress", default=True, show_default=True)
+@workdir_option
+@device_options
+def sensitivity(defenses, dataset, data_dir, n, sweep, batch_size, progress, workdir, device, amp, compile_):
+    """Loss sensitivity under brightness and gamma shifts (paper section 4.3, Table 2)."""
+    import json
+
+    from robench.runtime import Runtime
+    from robench.sensitivity import PAPER_POINTS, run_sensitivity
+    from robench.workdir import resolve_workdir
+
+    names, workdir = split_names(defenses, "--defense"), resolve_workdir(workdir)
+    check_data_dir(data_dir, dataset, names, workdir)
+    rows = run_sensitivity(names, workdir,
+                           Runtime.create(device, amp, compile_), dataset, data_dir, n, sweep, batch_size, progress)
+    click.echo("loss sensitivity l = mean ||grad_x CE||_2 (paper Table 2 points)")
+    for row in rows:
+        value = json.loads(row.key.params)["value"]
+        if value in PAPER_POINTS[row.key.name]:
+            click.echo(f"  {row.defense:10s} {row.key.dataset:8s} {row.key.name:10s} {value:+.2f}  {row.value:.4f}")
+
+
+@command()
+@click.option("--defense", "defenses", required=True, help="Trained defenses, comma-separated.")
+@click.option("--dataset", default=None)
+@path_option("--data-dir", default=None)
+@click.option("--n-images", type=int, default=6, show_default=True)
+@click.option("--samples", type=int, default=50, show_default=True, help="SmoothGrad noise samples.")
+@click.option("--stdev", type=float, default=0.15, show_default=True, help="SmoothGrad noise (pixel units).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@workdir_option
+@device_options
+def salience(defenses, dataset, data_dir, n_images, samples, stdev, seed, workdir, device, amp, compile_):
+    """SmoothGrad salience maps of the same images for each defense (paper Figure 3)."""
+    from robench.runtime import Runtime
+    from robench.salience import run_salience
+    from robench.workdir import resolve_workdir
+
+    if samples <= 0 or stdev < 0:
+        raise UserError("--samples must be positive and --stdev non-negative")
+    names, workdir = split_names(defenses, "--defense"), resolve_workdir(workdir)
+    check_data_dir(data_dir, dataset, names, workdir)
+    png = run_salience(names, workdir,
+                       Runtime.create(device, amp, compile_), dataset, data_dir, n_images, samples, stdev, seed)
+    click.echo(f"wrote {png}")
+
+
+COMMANDS = [eval_, sensitivity, salience]
