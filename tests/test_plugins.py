@@ -1,5 +1,5 @@
 """A new defense is exactly one file: written outside robench at test time, named in
-$ROBENCH_PLUGINS, it is listed, trained with its own setting (-o) and evaluated."""
+$ROBENCH_PLUGINS, it is listed, trained with its own setting (-o), evaluated and reported."""
 
 import re
 import sys
@@ -72,6 +72,13 @@ def test_a_defense_in_one_file_is_listed_trained_and_evaluated(plugin, tmp_path)
     r = invoke("eval", "--defense", plugin, "--attacks", "pgd", "--n", "20", "--no-progress", "--workdir", wd)
     assert r.exit_code == 0, r.output
     assert plugin in r.output and "pgd" in r.output
+
+    r = invoke("report", "--workdir", wd, "--out", tmp_path / "out")
+    assert r.exit_code == 0, r.output
+    report = (tmp_path / "out" / "report.md").read_text()
+    table1 = report.split("## Accuracy (Table 1 format)")[1].split("\n## ")[0]
+    assert re.search(rf"\| {plugin} \| [\d.]+ \[", table1)  # its row, with clean accuracy
+    assert "alpha=0.5" in report.split("## Provenance")[1]  # its own setting, in provenance
 
 
 @pytest.mark.parametrize("args,expect", [
