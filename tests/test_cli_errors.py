@@ -498,12 +498,24 @@ def _prefix(command: str) -> list[str]:
     """The least a command needs before its options (its required argument or option)."""
     return {"train": ["train", "pgdat"], "eval": ["eval", "--defense", "pgdat"],
             "sensitivity": ["sensitivity", "--defense", "pgdat"],
-            "salience": ["salience", "--defense", "pgdat"]}.get(command, [command])
+            "salience": ["salience", "--defense", "pgdat"], "zoo show": ["zoo", "show", "x"],
+            "zoo fetch": ["zoo", "fetch", "x"], "zoo add": ["zoo", "add", "x"],
+            "zoo export": ["zoo", "export", "x"]}.get(command, command.split())
 
 
-PATH_OPTIONS = [(name, p.opts[0]) for name, cmd in sorted(cli.commands.items()) for p in cmd.params
+def _commands(group: click.Group = cli, prefix: str = ""):
+    """Every command, subcommands of groups (``zoo add``) included."""
+    for name, cmd in sorted(group.commands.items()):
+        if isinstance(cmd, click.Group):
+            yield from _commands(cmd, f"{prefix}{name} ")
+        else:
+            yield f"{prefix}{name}", cmd
+
+
+COMMANDS = dict(_commands())
+PATH_OPTIONS = [(name, p.opts[0]) for name, cmd in COMMANDS.items() for p in cmd.params
                 if isinstance(p.type, click.Path)]
-LIST_OPTIONS = [(name, p.opts[0]) for name, cmd in sorted(cli.commands.items()) for p in cmd.params
+LIST_OPTIONS = [(name, p.opts[0]) for name, cmd in COMMANDS.items() for p in cmd.params
                 if is_list_option(p) or p.name == "defenses"]
 
 
@@ -511,8 +523,10 @@ def test_every_list_and_path_option_is_checked():
     """The introspection below finds the options the issue names (and any added later)."""
     assert {("eval", "--attacks"), ("eval", "--eps"), ("eval", "--defense"), ("sensitivity", "--defense"),
             ("salience", "--defense")} <= set(LIST_OPTIONS)
-    assert {(c, "--workdir") for c in cli.commands} | {("train", "--data-dir"), ("eval", "--checkpoint"),
-                                                        ("report", "--out"), ("demo", "--out")} <= set(PATH_OPTIONS)
+    top = [c for c in COMMANDS if " " not in c]  # every top-level command has a workdir
+    assert {(c, "--workdir") for c in top} | {("train", "--data-dir"), ("eval", "--checkpoint"),
+                                              ("report", "--out"), ("demo", "--out"), ("zoo add", "--workdir"),
+                                              ("zoo add", "--manifest")} <= set(PATH_OPTIONS)
 
 
 @pytest.mark.parametrize("command,option", PATH_OPTIONS)
