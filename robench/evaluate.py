@@ -206,8 +206,11 @@ def run_eval(
     seed: int = 0,
     progress: bool = True,
     dist: Dist = Dist(),
+    mean: tuple[float, ...] | None = None,
+    std: tuple[float, ...] | None = None,
 ) -> EvalReport:
-    """Evaluate each defense (or a model file) under each attack at each eps and store it all."""
+    """Evaluate each defense (or a model file) under each attack at each eps and store it all;
+    ``mean``/``std``: the model file's input normalisation (``target_from_file``)."""
     from robench.data import load_dataset
 
     overrides = overrides or {}
@@ -246,7 +249,7 @@ def run_eval(
             if n is not None and n > len(splits.x_test):
                 raise UserError(f"--n {n} is larger than the {ds} test set ({len(splits.x_test)} images)")
             if run_dir is None:
-                target = target_from_file(checkpoint_path, arch or DATASET_DEFAULTS[ds].arch, ds, splits)
+                target = target_from_file(checkpoint_path, arch or DATASET_DEFAULTS[ds].arch, ds, splits, mean, std)
             else:
                 target = target_from_run(run_dir)
             model = runtime.maybe_compile(runtime.prepare(target.model))

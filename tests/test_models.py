@@ -249,3 +249,47 @@ def test_small_cnn_learns_digits():
     with torch.no_grad():
         acc = (model(X[te]).argmax(1) == Y[te]).float().mean().item()
     assert acc > 0.95
+
+
+# The RobustBench architectures (robench.models.external), at small sizes where they have one;
+# tests/test_external.py loads their checkpoints.
+EXTERNAL = ["rb-wrn-10-1", "dm-wrn-10-2", "preact-resnet-18", "preact-resnet-18-fast", "resnet-18"]
+
+
+@pytest.mark.parametrize("arch", EXTERNAL)
+@pytest.mark.parametrize("shape", [(1, 8, 8), (3, 32, 32), (3, 7, 9)])
+def test_external_output_shape(arch, shape):
+    torch.manual_seed(0)
+    model = build_model(arch, shape[0], 7).eval()
+    with torch.no_grad():
+        out = model(torch.rand(2, *shape))
+    assert out.shape == (2, 7) and torch.isfinite(out).all()
+
+
+@pytest.mark.parametrize("arch", EXTERNAL)
+def test_external_gradient_and_channels_last(arch):
+    torch.manual_seed(0)
+    model = build_model(arch, 3, 10).eval()
+    _randomise_bn(model)
+    x = torch.rand(2, 3, 16, 16, requires_grad=True)
+    out = model(x)
+    F.cross_entropy(out, torch.arange(2)).backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+    with torch.no_grad():
+        cl = model.to(memory_format=torch.channels_last)(x.detach().to(memory_format=torch.channels_last))
+    assert torch.allclose(cl, out.detach(), atol=1e-4, rtol=1e-4)
+
+
+def test_dm_same_padding():
+    """DeepMind pads its strided convs as TF's 'SAME': 0 before, 1 after, on even sizes."""
+    from robench.models.external import _same_pad
+
+    assert _same_pad(torch.Size([32, 32]), 2) == (0, 1, 0, 1)
+    assert _same_pad(torch.Size([32, 16]), 1) == (1, 1, 1, 1)
+    assert _same_pad(torch.Size([7, 8]), 2) == (0, 1, 1, 1)
+
+
+@pytest.mark.parametrize("arch", ["dm-wrn-30-10", "rb-wrn-4-10", "dm-wrn-28-0"])
+def test_external_wrn_bad_depth(arch):
+    with pytest.raises(UserError, match=r"D = 6n \+ 4 >= 10"):
+        build_model(arch, 3, 10)

@@ -14,7 +14,15 @@ from robench.errors import UserError
               help="Trained defense(s) in the workdir, comma-separated, e.g. rlfat-p,trades.")
 @path_option("--checkpoint", "checkpoint_path", default=None,
              help="Evaluate a model file trained elsewhere (.safetensors or a weights-only state dict).")
-@click.option("--arch", default=None, help="Architecture of --checkpoint [default: the dataset's].")
+@click.option("--arch", default=None,
+              help="Architecture of --checkpoint [default: the dataset's]: a name from `robench list` (e.g. "
+                   "rb-wrn-28-10, dm-wrn-70-16, preact-resnet-18, resnet-18), or package.module:factory.")
+@click.option("--mean", default=None,
+              help="--checkpoint's input normalisation (x - mean) / std, applied inside the model: one mean "
+                   "per channel (e.g. 0.4914,0.4822,0.4465) or one for all, or cifar10 / cifar100; needs --std.")
+@click.option("--std", default=None,
+              help="The std of that normalisation, per channel (e.g. 0.2471,0.2435,0.2616) or one for all, "
+                   "or cifar10 / cifar100; needs --mean.")
 @click.option("--dataset", default=None,
               help="[default: the dataset the defense's newest checkpoint was trained on]")
 @path_option("--data-dir", default=None)
@@ -35,8 +43,8 @@ from robench.errors import UserError
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @workdir_option
 @device_options
-def eval_(defenses, checkpoint_path, arch, dataset, data_dir, attacks, n, eps, options, faithful, nattack_chunk,
-          batch_size, seed, as_json, progress, workdir, device, amp, compile_):
+def eval_(defenses, checkpoint_path, arch, mean, std, dataset, data_dir, attacks, n, eps, options, faithful,
+          nattack_chunk, batch_size, seed, as_json, progress, workdir, device, amp, compile_):
     """Evaluate defenses under attacks, e.g. `robench eval --defense rlfat-p --attacks pgd,cw,nattack`."""
     import json
 
@@ -50,6 +58,14 @@ def eval_(defenses, checkpoint_path, arch, dataset, data_dir, attacks, n, eps, o
         raise UserError(f"--checkpoint {checkpoint_path} is a directory; pass the model file (.safetensors, .pt)")
     if arch is not None and checkpoint_path is None:
         raise UserError("--arch applies to --checkpoint only; a trained run records its own architecture")
+    if (mean is not None or std is not None) and checkpoint_path is None:
+        raise UserError("--mean/--std apply to --checkpoint only; a trained run's model owns its normalisation")
+    if (mean is None) != (std is None):
+        raise UserError("--mean and --std go together: give both")
+    if mean is not None:
+        from robench.models.normalize import parse_stats
+
+        mean, std = parse_stats(mean, "--mean", 0), parse_stats(std, "--std", 1)
     names = split_names(defenses, "--defense") if defenses is not None else []
     attack_names = split_names(attacks, "--attacks")
     workdir = resolve_workdir(workdir)
@@ -67,7 +83,7 @@ def eval_(defenses, checkpoint_path, arch, dataset, data_dir, attacks, n, eps, o
     with distributed(device) as (d, device):
         report = run_eval(
             defenses=names, checkpoint_path=checkpoint_path,
-            arch=arch, dataset=dataset, data_dir=data_dir, attacks=attack_names, n=n,
+            arch=arch, mean=mean, std=std, dataset=dataset, data_dir=data_dir, attacks=attack_names, n=n,
             eps_list=eps_list, overrides=overrides, batch_size=batch_size, seed=seed,
             workdir=workdir, runtime=Runtime.create(device, amp, compile_), progress=progress, dist=d)
     if d.main:

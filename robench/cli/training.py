@@ -125,7 +125,7 @@ def describe_params(cls) -> str:
 def list_(workdir):
     """List defenses (with their settings), attacks, datasets, architectures and the trained runs."""
     from robench.data import describe
-    from robench.models import arch_names
+    from robench.models import PATTERNS, arch_names
     from robench.registry import ATTACKS, DATASETS, DEFENSES
     from robench.workdir import existing_workdir, list_runs, resolve_workdir
 
@@ -142,7 +142,7 @@ def list_(workdir):
     click.echo("datasets:")
     for name in DATASETS:
         click.echo(f"  {describe(name)}")
-    click.echo(f"architectures: {', '.join(arch_names())} (any wrn-DEPTH-WIDTH)")
+    click.echo(f"architectures: {', '.join(arch_names())} (and any {PATTERNS})")
     runs = list_runs(workdir)
     click.echo(f"trained runs in {workdir}: {len(runs) or 'none'}")
     for run_dir, meta in runs:

@@ -1,12 +1,7 @@
-"""Architectures: the Madry-style wide ResNet of the paper, and small CNNs for the CPU default.
+"""The Madry-style wide ResNet of the paper (``wrn-D-W``), and small CNNs for the CPU default.
 
-Every entry of ``ARCHS`` is a factory ``(in_channels, num_classes) -> nn.Module``. Models take
-images in [0, 1] of shape (B, C, H, W), any H and W (they end in a global average pool), apply no
-input normalisation (the RLFAT code feeds raw [0, 1] pixels; unlike MadryLab's original, its
-``model_bn.py`` has no ``per_image_standardization``) and return logits.
-
-Use :func:`build_model` rather than ``ARCHS`` directly: besides the registered names it builds any
-``wrn-D-W``.
+They apply no input normalisation (the RLFAT code feeds raw [0, 1] pixels; unlike MadryLab's
+original, its ``model_bn.py`` has no ``per_image_standardization``).
 
 The wide ResNet follows MadryLab/cifar10_challenge ``model.py`` (commit e3ad969), which the
 official RLFAT code copies as ``{cifar_10,cifar_100,stl_10}/model_bn.py`` (JHL-HUST/RLFAT):
@@ -36,33 +31,18 @@ way odd sizes (where TF's own code would fail) still line up with the strided co
 from __future__ import annotations
 
 import math
-import re
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from robench.errors import UserError
 from robench.registry import ARCHS
 
-__all__ = [
-    "BN_EPS",
-    "LEAK",
-    "MadryUnit",
-    "PadShortcut",
-    "SmallCNN",
-    "WideResNet",
-    "arch_names",
-    "build_model",
-    "count_params",
-    "parse_wrn",
-]
+__all__ = ["BN_EPS", "LEAK", "MadryUnit", "PadShortcut", "SmallCNN", "WideResNet"]
 
 BN_EPS = 1e-3  # tf.contrib.layers.batch_norm default epsilon
 BN_MOMENTUM = 0.1  # TF decay 0.9
 LEAK = 0.1  # Madry's _relu(x, 0.1)
-
-_WRN_RE = re.compile(r"wrn-(\d+)-(\d+)")
 
 
 def _bn(channels: int) -> nn.BatchNorm2d:
@@ -257,39 +237,3 @@ def small_cnn(in_channels: int, num_classes: int) -> nn.Module:
 def tiny_cnn(in_channels: int, num_classes: int) -> nn.Module:
     """Half of small-cnn (widths 16/32/64), for tests."""
     return SmallCNN(in_channels, num_classes, (16, 32, 64))
-
-
-def parse_wrn(arch: str) -> tuple[int, int] | None:
-    """``"wrn-D-W"`` -> (D, W); anything else -> None."""
-    m = _WRN_RE.fullmatch(arch)
-    return (int(m.group(1)), int(m.group(2))) if m else None
-
-
-def arch_names() -> list[str]:
-    """The registered architecture names (any ``wrn-D-W`` is buildable as well)."""
-    return ARCHS.names()
-
-
-def build_model(arch: str, in_channels: int, num_classes: int) -> nn.Module:
-    """Build a registered architecture, or any ``wrn-D-W``; unknown names raise ``UserError``."""
-    if arch in ARCHS:
-        return ARCHS.get(arch)(in_channels, num_classes)
-    dw = parse_wrn(arch)
-    if dw is not None:
-        depth, width = dw
-        if (depth - 2) // 6 < 1 or width < 1:
-            raise UserError(
-                f"architecture {arch!r}: wrn-D-W needs D >= 8 (units per stage = (D-2)//6) "
-                "and W >= 1"
-            )
-        return WideResNet(in_channels, num_classes, depth, width)
-    raise UserError(
-        f"unknown architecture {arch!r}; choose from: {', '.join(arch_names())}, "
-        "or any wrn-D-W (Madry wide ResNet, (D-2)//6 units per stage, widths 16W/32W/64W)"
-    )
-
-
-def count_params(model: nn.Module) -> int:
-    """Number of parameters (trainable or not; buffers such as BN running stats excluded)."""
-    return sum(p.numel() for p in model.parameters())
-
