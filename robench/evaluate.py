@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +29,7 @@ from robench.errors import UserError
 from robench.registry import ATTACKS, DATASETS
 from robench.runtime import Runtime
 from robench.store import Examples, Key, Partial, Row, Store, now, split_digest, wilson, worst_case
-from robench.targets import Target, target_from_file, target_from_run, trained_runs
+from robench.targets import Source, Target, find_sources, target_from_file
 
 CLEAN = "clean"
 
@@ -138,6 +138,7 @@ class Entry:
 @dataclass
 class EvalReport:
     entries: list[Entry]
+    checkpoints: list[str] = field(default_factory=list)  # "label: where its weights came from"
 
     def groups(self) -> dict[tuple[str, float], list[Entry]]:
         """Entries per (dataset, eps), each group holding every label's clean row too."""
@@ -150,7 +151,7 @@ class EvalReport:
         return out
 
     def table(self) -> str:
-        lines = []
+        lines = [f"checkpoint {c}" for c in self.checkpoints] + ([""] if self.checkpoints else [])
         for (dataset, eps), group in self.groups().items():
             attacks = list(dict.fromkeys(e.attack for e in group))
             lines.append(f"{dataset}, eps = {eps:g}: accuracy % (95% Wilson interval), first n test images")
@@ -182,7 +183,7 @@ class EvalReport:
                                     "wall_s": r.wall_s, "warnings": r.warnings} for a, r in rows.items()},
                     "worst_case": {"accuracy": wc, "n": m},
                 })
-        return {"results": out}
+        return {"checkpoints": self.checkpoints, "results": out}
 
 
 def _cell(row: Row) -> str:
@@ -208,9 +209,12 @@ def run_eval(
     dist: Dist = Dist(),
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
+    zoo_only: bool = False,
 ) -> EvalReport:
-    """Evaluate each defense (or a model file) under each attack at each eps and store it all;
-    ``mean``/``std``: the model file's input normalisation (``target_from_file``)."""
+    """Evaluate each defense (or a model file) under each attack at each eps and store it all.
+    A defense's checkpoint is its newest run in the workdir, else the zoo's (``zoo_only``: the
+    zoo's in any case; a zoo entry's name picks that entry). ``mean``/``std``: the model file's
+    input normalisation (``target_from_file``)."""
     from robench.data import load_dataset
 
     overrides = overrides or {}
@@ -227,12 +231,12 @@ def run_eval(
         DATASETS.get(dataset)
 
     # Resolve everything that can fail on user input before any work starts.
-    sources: list[tuple[str, Path | None]] = []
+    sources: list[tuple[str, Source | None]] = []  # None: the model file
     if checkpoint_path is not None:
         if dataset is None:
             raise UserError("--checkpoint needs --dataset (the data the model was trained on)")
         sources.append((dataset, None))
-    sources += trained_runs(defenses, workdir, dataset)
+    sources += [(source.dataset, source) for source in find_sources(defenses, workdir, dataset, zoo_only)]
     built = {(ds, eps, a): make_attack(a, ds, eps, overrides.get(a), runtime.autocast, seed)
              for ds in dict.fromkeys(ds for ds, _ in sources) for eps in eps_list for a in attacks}
 
@@ -240,18 +244,21 @@ def run_eval(
     splits_cache: dict[str, Splits] = {}
     digests: dict[str, str] = {}
     entries: list[Entry] = []
+    used: list[str] = []
     try:
-        for ds, run_dir in sources:
+        for ds, source in sources:
             if ds not in splits_cache:
                 splits_cache[ds] = load_dataset(ds, data_dir)
                 digests[ds] = split_digest(splits_cache[ds].x_test, splits_cache[ds].y_test)
             splits = splits_cache[ds]
             if n is not None and n > len(splits.x_test):
                 raise UserError(f"--n {n} is larger than the {ds} test set ({len(splits.x_test)} images)")
-            if run_dir is None:
+            if source is None:
                 target = target_from_file(checkpoint_path, arch or DATASET_DEFAULTS[ds].arch, ds, splits, mean, std)
+                used.append(f"{target.label}: file {checkpoint_path}")
             else:
-                target = target_from_run(run_dir)
+                target = source.load()
+                used.append(f"{target.label}: {source.describe()}")
             model = runtime.maybe_compile(runtime.prepare(target.model))
             target = dataclasses.replace(target, model=model)
             n_clean = n or len(splits.x_test)
@@ -269,4 +276,4 @@ def run_eval(
                         entries.append(Entry(target.label, ds, attack.eps, a, row))
     finally:
         store.close()
-    return EvalReport(entries)
+    return EvalReport(entries, used)

@@ -27,7 +27,7 @@ from robench import atomic
 from robench.data import load_dataset
 from robench.errors import UserError
 from robench.runtime import Runtime, model_mode
-from robench.targets import target_from_run, trained_runs
+from robench.targets import find_sources
 
 
 def _normalise(maps: torch.Tensor, percentile: float) -> torch.Tensor:
@@ -158,8 +158,8 @@ def run_salience(defenses: list[str], workdir: Path, runtime: Runtime, dataset: 
                  data_dir: Path | None = None, n_images: int = 6, n_samples: int = 50, stdev: float = 0.15,
                  seed: int = 0) -> Path:
     """SmoothGrad maps of the same test images for every defense, as the paper's Figure 3."""
-    sources = trained_runs(defenses, workdir, dataset)
-    datasets = sorted({ds for ds, _ in sources})
+    sources = find_sources(defenses, workdir, dataset)
+    datasets = sorted({source.dataset for source in sources})
     if len(datasets) != 1:
         raise UserError(f"salience compares defenses on one dataset; these span {', '.join(datasets)}: pass --dataset")
     ds = datasets[0]
@@ -172,8 +172,8 @@ def run_salience(defenses: list[str], workdir: Path, runtime: Runtime, dataset: 
     idx = torch.tensor(picks)
     x, y = splits.x_test[idx], splits.y_test[idx]
     maps = {}
-    for _, run_dir in sources:
-        target = target_from_run(run_dir)
+    for source in sources:
+        target = source.load()
         model = runtime.prepare(target.model).eval()
         maps[target.label] = smoothgrad(model, runtime.batch(x), y.to(runtime.device), n_samples=n_samples,
                                         stdev=stdev, seed=seed).cpu()

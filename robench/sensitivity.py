@@ -35,7 +35,7 @@ from robench.data import Splits, load_dataset
 from robench.errors import UserError
 from robench.runtime import Runtime, model_mode
 from robench.store import Examples, Key, Row, Store, mean_ci, now, split_digest
-from robench.targets import target_from_run, trained_runs
+from robench.targets import find_sources
 
 
 def _channels(x: torch.Tensor) -> int:
@@ -207,15 +207,16 @@ def run_sensitivity(defenses: list[str], workdir: Path, runtime: Runtime, datase
     on the first ``n`` test images. ``splits``: the data of runs on dataset ``splits.name``, as
     the caller holds it (e.g. ``robench.data.balanced_test``); the key's split digest tells
     such rows apart from those on the loader's own order. Runs on other datasets load theirs."""
-    sources = trained_runs(defenses, workdir, dataset)
+    sources = find_sources(defenses, workdir, dataset)
     points = {name: sorted(set(PAPER_POINTS[name]) | (set(SWEEPS[name]) if sweep else set()))
               for name in PAPER_POINTS}
     rows = []
     with Store.in_workdir(workdir) as store:
-        for ds, run_dir in sources:
+        for source in sources:
+            ds = source.dataset
             data = splits if splits is not None and splits.name == ds else load_dataset(ds, data_dir)
             count = _check_n(n, len(data.x_test), ds)
-            target = target_from_run(run_dir)
+            target = source.load()
             model = runtime.prepare(target.model).eval()
             x, y = runtime.batch(data.x_test[:count]), data.y_test[:count].to(runtime.device)
             examples = Examples("test", 0, count, split_digest(data.x_test, data.y_test))

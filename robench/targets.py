@@ -1,5 +1,5 @@
 """What is evaluated: a model with the identity its results are stored under, loaded from a
-trained run in the workdir or from a model file trained elsewhere (``target_from_file``: the
+trained run in the workdir, a zoo checkpoint, or a model file trained elsewhere (``target_from_file``: the
 usual external layouts, an optional input normalisation). Loading never executes code from a
 file."""
 
@@ -221,13 +221,70 @@ def _layout(state: dict[str, torch.Tensor], model: nn.Module) -> dict[str, tuple
             if not k.endswith("num_batches_tracked") and not (ignored and k.startswith(ignored))}
 
 
-def trained_runs(defenses: list[str], workdir: Path, dataset: str | None = None) -> list[tuple[str, Path]]:
-    """(dataset, run dir) of the newest finished run of each defense; UserErrors name the fix."""
-    from robench.workdir import find_run
+@dataclass(frozen=True)
+class Source:
+    """Where a defense's checkpoint comes from: a finished run in the workdir, or a zoo entry."""
+
+    dataset: str
+    run_dir: Path | None = None
+    entry: Any = None  # robench.zoo.Entry
+
+    def load(self) -> Target:
+        return target_from_run(self.run_dir) if self.entry is None else target_from_zoo(self.entry)
+
+    def describe(self) -> str:
+        if self.entry is None:
+            return f"run {self.run_dir}"
+        e = self.entry
+        return f"zoo checkpoint {e.name} ({'shipped' if e.shipped else 'cached'}, sha256 {e.sha256[:12]})"
+
+
+def target_from_zoo(entry: Any) -> Target:
+    """A zoo entry's checkpoint: the shipped file, or the cached one (downloaded and verified
+    first when missing). The sha256 is checked before the weights are used."""
+    from robench import zoo
+
+    path = zoo.local_path(entry, fetch=True)
+    model = build_model(entry.arch, entry.in_channels, entry.num_classes)
+    checkpoint.load_into(model, checkpoint.load_weights(path), path, entry.arch)
+    if entry.mean is not None:
+        model = Normalized(model, entry.mean, entry.std)
+    identity = model_identity(entry.sha256, entry.arch, entry.mean, entry.std)
+    return Target(entry.defense, model, identity, entry.dataset, entry.record())
+
+
+def find_sources(names: list[str], workdir: Path, dataset: str | None = None, zoo_only: bool = False) -> list[Source]:
+    """Each name's checkpoint: a defense's newest finished run in the workdir, else (or with
+    ``zoo_only``) the zoo's checkpoint of that defense; a zoo entry's name picks that entry.
+    UserErrors name the fix."""
+    from robench import zoo
+    from robench.workdir import find_run, unreadable_runs
 
     out = []
-    for defense in defenses:
-        DEFENSES.get(defense)
-        run_dir, meta = find_run(workdir, defense, dataset)
-        out.append((meta["dataset"], run_dir))
+    for name in names:
+        if name not in DEFENSES:
+            entries = {e.name: e for e in zoo.entries()}
+            if name not in entries:
+                DEFENSES.get(name)  # the usual "unknown defense ...; choose from" line
+            entry = entries[name]
+            if dataset is not None and entry.dataset != dataset:
+                raise UserError(f"zoo checkpoint {name} was trained on {entry.dataset}, not {dataset}")
+            out.append(Source(entry.dataset, entry=entry))
+            continue
+        if not zoo_only:
+            try:
+                run_dir, meta = find_run(workdir, name, dataset)
+                out.append(Source(meta["dataset"], run_dir))
+                continue
+            except UserError as e:
+                if unreadable_runs(workdir):  # a damaged run is reported, never silently replaced
+                    raise
+                missing = e
+        entry = zoo.find(name, dataset)
+        if entry is None:
+            if zoo_only:
+                raise UserError(f"the zoo has no {name!r} checkpoint{' for ' + dataset if dataset else ''}; "
+                                f"see `robench zoo list`")
+            raise UserError(f"{missing}; the zoo has none either (`robench zoo list`)")
+        out.append(Source(entry.dataset, entry=entry))
     return out

@@ -308,8 +308,8 @@ CASES = [
     ("eval-neither", lambda c: ["eval", *EVAL, "--workdir", c.wd], "pass --defense"),
     ("eval-both", lambda c: ["eval", "--defense", "pgdat", "--checkpoint", c.base / "tiny.safetensors",
                              "--dataset", "digits", *EVAL, "--workdir", c.wd], "pass --defense"),
-    ("eval-untrained", lambda c: ["eval", "--defense", "trades", *EVAL, "--workdir", c.wd],
-     "no trained 'trades' checkpoint"),
+    ("eval-untrained", lambda c: ["eval", "--defense", "trades", "--dataset", "cifar10", *EVAL, "--workdir", c.wd],
+     "no trained 'trades' checkpoint for cifar10 in .*; the zoo has none either"),
     # lists with a typo: a repeated, empty or blank item is refused, never dropped or merged
     ("attacks-repeated", lambda c: ["eval", "--defense", "pgdat", "--n", "32", "--attacks", "pgd,pgd", "--workdir", c.wd],
      "--attacks 'pgd,pgd' names pgd more than once"),

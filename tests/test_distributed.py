@@ -40,7 +40,7 @@ def test_torchrun_train_and_sharded_eval(tmp_path):
                  "-o", "autoattack.version=custom", "-o", "autoattack.attacks=apgd-ce", "-o", "autoattack.group=16",
                  "--no-progress"]
     out = run([*TORCHRUN, "-m", "robench", *eval_args, "--batch-size", "7", "--workdir", str(multi)], tmp_path)
-    assert out.stdout.count("pgdat") == 1  # only rank 0 prints
+    assert out.stdout.count("checkpoint pgdat: run") == 1  # only rank 0 prints
     run([sys.executable, "-m", "robench", *eval_args, "--batch-size", "64", "--workdir", str(single)], tmp_path)
 
     def outcomes(workdir):

@@ -125,8 +125,8 @@ def test_interrupted_eval_resumes_to_the_same_result(tmp_path, trained_workdir, 
 
 
 def test_missing_defense_names_the_train_command(runs_copy):
-    with pytest.raises(UserError, match="robench train rlfat-t"):
-        run_eval(["rlfat-t"], ["pgd"], runs_copy, CPU, progress=False)
+    with pytest.raises(UserError, match="robench train rlfat-t --dataset cifar10.*the zoo has none either"):
+        run_eval(["rlfat-t"], ["pgd"], runs_copy, CPU, dataset="cifar10", progress=False)
 
 
 def test_bad_eval_inputs(runs_copy):

@@ -28,10 +28,16 @@ def invoke(args):
 
 
 @pytest.fixture(autouse=True)
-def cache(tmp_path, monkeypatch):
-    """A private cache, and no manifests but the shipped one and those a test names."""
+def cache(tmp_path, tmp_path_factory, monkeypatch):
+    """A private cache, an empty "shipped" manifest (the real one is tested in
+    tests/test_zoo_eval.py), and no other manifests but those a test names."""
+    from robench.zoo import manifest
+
     monkeypatch.setenv("ROBENCH_ZOO", str(tmp_path / "zoo"))
     monkeypatch.delenv("ROBENCH_ZOO_MANIFESTS", raising=False)
+    shipped = tmp_path_factory.mktemp("shipped") / "manifest.json"
+    shipped.write_text('{"format": 1, "entries": []}\n')
+    monkeypatch.setattr(manifest, "SHIPPED", shipped)
     return tmp_path / "zoo"
 
 

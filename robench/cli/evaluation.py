@@ -11,7 +11,10 @@ from robench.errors import UserError
 
 @command(name="eval")
 @click.option("--defense", "defenses", default=None,
-              help="Trained defense(s) in the workdir, comma-separated, e.g. rlfat-p,trades.")
+              help="Defense(s), comma-separated, e.g. rlfat-p,trades: the newest run trained in the workdir, "
+                   "else the zoo's checkpoint; or zoo entries by name (`robench zoo list`).")
+@click.option("--zoo", "zoo_only", is_flag=True,
+              help="Use the zoo's checkpoints even where the workdir has a trained run.")
 @path_option("--checkpoint", "checkpoint_path", default=None,
              help="Evaluate a model file trained elsewhere (.safetensors or a weights-only state dict).")
 @click.option("--arch", default=None,
@@ -43,8 +46,8 @@ from robench.errors import UserError
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @workdir_option
 @device_options
-def eval_(defenses, checkpoint_path, arch, mean, std, dataset, data_dir, attacks, n, eps, options, faithful,
-          nattack_chunk, batch_size, seed, as_json, progress, workdir, device, amp, compile_):
+def eval_(defenses, zoo_only, checkpoint_path, arch, mean, std, dataset, data_dir, attacks, n, eps, options,
+          faithful, nattack_chunk, batch_size, seed, as_json, progress, workdir, device, amp, compile_):
     """Evaluate defenses under attacks, e.g. `robench eval --defense rlfat-p --attacks pgd,cw,nattack`."""
     import json
 
@@ -53,7 +56,9 @@ def eval_(defenses, checkpoint_path, arch, mean, std, dataset, data_dir, attacks
     from robench.workdir import resolve_workdir
 
     if (defenses is None) == (checkpoint_path is None):
-        raise UserError("pass --defense NAME[,NAME...] (trained in the workdir) or --checkpoint FILE")
+        raise UserError("pass --defense NAME[,NAME...] (trained in the workdir, or from the zoo) or --checkpoint FILE")
+    if zoo_only and defenses is None:
+        raise UserError("--zoo picks the zoo's checkpoints of --defense; it does not apply to --checkpoint")
     if checkpoint_path is not None and checkpoint_path.is_dir():
         raise UserError(f"--checkpoint {checkpoint_path} is a directory; pass the model file (.safetensors, .pt)")
     if arch is not None and checkpoint_path is None:
@@ -85,7 +90,8 @@ def eval_(defenses, checkpoint_path, arch, mean, std, dataset, data_dir, attacks
             defenses=names, checkpoint_path=checkpoint_path,
             arch=arch, mean=mean, std=std, dataset=dataset, data_dir=data_dir, attacks=attack_names, n=n,
             eps_list=eps_list, overrides=overrides, batch_size=batch_size, seed=seed,
-            workdir=workdir, runtime=Runtime.create(device, amp, compile_), progress=progress, dist=d)
+            workdir=workdir, runtime=Runtime.create(device, amp, compile_), progress=progress, dist=d,
+            zoo_only=zoo_only)
     if d.main:
         click.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.table())
 
