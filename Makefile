@@ -20,13 +20,13 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch==2.14.1 / torchvision==0.29.1 come from the machine's local wheels where present.
 	$(BIN)/python -m pip install -q -e .
+	# torchattacks (the ta.* attacks; also the PGD peer in tests) with --no-deps: it pins
+	# requests~=2.25.1, which would downgrade the environment; its own imports come with robench.
+	$(BIN)/python -m pip install -q --no-deps torchattacks==3.5.1
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[test]'
-	# torchattacks is only the reference PGD in tests and benchmarks; --no-deps because it pins
-	# requests~=2.25.1, which would downgrade the environment.
-	$(BIN)/python -m pip install -q --no-deps torchattacks==3.5.1
 	touch $@
 
 clean:

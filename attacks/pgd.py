@@ -1,29 +1,34 @@
-"""White-box L-inf PGD on cross-entropy (``pgd``) and on the CW margin loss (``cw``).
+"""White-box PGD on cross-entropy (``pgd``) and on the CW margin loss (``cw``), L-inf or L2.
 
 The paper's evaluation (App. A) uses the training attack's parameters: eps 0.03, step 0.0075,
 10 steps on CIFAR-10 (7 on CIFAR-100 / STL-10), random start U(-eps, eps). "CW" is PGD on
 -relu(z_y - max_{j != y} z_j + kappa) with kappa = 50. With ``restarts > 1`` an example counts as
 broken if any restart breaks it (the returned x_adv is the first restart that does).
+With ``norm="l2"`` both run in the L2 ball instead (``robench.threat.L2Ball``: normalised-gradient
+steps, uniform start in the ball), the loss unchanged; the radius defaults to the dataset's
+``l2_eps`` and the step to eps / 4 as for L-inf (``robench.attack.make_attack``).
 """
 
 from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 from torch import nn
 
 from robench.attack import Attack
 from robench.errors import UserError
-from robench.threat import Objective, cross_entropy_objective, cw_objective, pgd
+from robench.threat import Objective, ball, cross_entropy_objective, cw_objective, pgd
 from robench.registry import ATTACKS
 from robench.seeding import uniform
 
 
 @dataclass
 class _PGDBase(Attack):
+    norms: ClassVar[tuple[str, ...]] = ("linf", "l2")
+
     step_size: float = 0.0075
     attack_steps: int = 10
     restarts: int = 1
@@ -44,17 +49,18 @@ class _PGDBase(Attack):
 
     def start_noise(self, x: torch.Tensor, index: torch.Tensor, restart: int) -> torch.Tensor:
         """Restart ``restart``'s U[0, 1) start draw: example i's depends on (seed, i) only."""
-        return uniform(self.seed, index, x.shape[1:], stream=restart, device=x.device)
+        shape = ball(self.norm, self.eps).draws(tuple(x.shape[1:]))
+        return uniform(self.seed, index, shape, stream=restart, device=x.device)
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
         if self.restarts == 1:
             return pgd(model, x, self.objective(y), self.eps, self.step_size, self.attack_steps,
-                       "uniform", self.autocast, self.start_noise(x, index, 0))
+                       "uniform", self.autocast, self.start_noise(x, index, 0), self.norm)
         best = x.clone()
         todo = torch.ones(len(x), dtype=torch.bool, device=x.device)
         for restart in range(self.restarts):
             x_adv = pgd(model, x, self.objective(y), self.eps, self.step_size, self.attack_steps,
-                        "uniform", self.autocast, self.start_noise(x, index, restart))
+                        "uniform", self.autocast, self.start_noise(x, index, restart), self.norm)
             with torch.no_grad(), self.autocast():
                 fooled = model(x_adv).argmax(1) != y
             best[todo] = x_adv[todo]
@@ -67,7 +73,7 @@ class _PGDBase(Attack):
 @ATTACKS.register("pgd")
 @dataclass
 class PGD(_PGDBase):
-    """L-inf PGD on cross-entropy, random start (Madry et al.; paper App. A)."""
+    """PGD on cross-entropy, random start (Madry et al.; paper App. A); L-inf or L2."""
 
     label = "PGD"
     order = 10
@@ -81,7 +87,7 @@ class PGD(_PGDBase):
 @ATTACKS.register("cw")
 @dataclass
 class CW(_PGDBase):
-    """L-inf PGD on the CW margin loss, kappa = 50 (the paper's "CW")."""
+    """PGD on the CW margin loss, kappa = 50 (the paper's "CW"); L-inf or L2."""
 
     label = "CW"
     order = 20

@@ -39,11 +39,16 @@ BALL_TOL = 1e-6
 class Attack:
     eps: float
     seed: int = 0
+    norm: str = "linf"  # the threat model: "linf" (the paper's) or "l2"; part of every result key
 
+    # The threat models this attack implements (NORMS names them all).
+    norms: ClassVar[tuple[str, ...]] = ("linf",)
     # What the report and the demo need to know about the plugin, declared here and nowhere else.
     label: ClassVar[str] = ""  # column heading, e.g. "PGD" (default: the registered name)
     order: ClassVar[int] = 100  # column order in tables (paper's order first)
     black_box: ClassVar[bool] = False  # only queries outputs, never gradients
+    ensemble: ClassVar[bool] = False  # runs several attacks per example: it should break all they break
+    core: ClassVar[bool] = True  # robench's own set: the demo runs it, the report asks for it (not ta.*)
     paper: ClassVar[bool] = False  # one of the paper's Table 1 attacks: the report asks for it
     eps_curve: ClassVar[bool] = False  # the attack the demo and the report sweep over eps
     # Number of test images evaluated when the user gives no --n (None: the whole test set).
@@ -65,8 +70,11 @@ class Attack:
         # What the attack itself found suspicious in its last call (e.g. AutoAttack's signs of
         # gradient masking): an attribute, not a parameter; the evaluator stores it with the result.
         self.last_warnings: list[str] = []
-        if not 0 < self.eps <= 1:
-            raise UserError(f"eps must be in (0, 1], got {self.eps}")
+        if self.norm not in self.norms:
+            supported = ", ".join(self.norms)
+            raise UserError(f"{self.label or type(self).__name__} supports norm {supported}, not {self.norm!r}")
+        if not 0 < self.eps <= (1 if self.norm == "linf" else float("inf")):
+            raise UserError(f"eps must be in (0, 1] for norm linf and positive for l2, got {self.eps}")
 
     def params(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -85,7 +93,7 @@ class Attack:
         index = example_index(index, len(x))
         with model_mode(model, training=False):
             x_adv = self.perturb(model, x, y, index)
-        check_adversarial(x_adv, x, self.eps, self.label or type(self).__name__)
+        check_adversarial(x_adv, x, self.eps, self.label or type(self).__name__, self.norm)
         return x_adv
 
     def perturb(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
@@ -97,17 +105,27 @@ class ThreatModelError(RuntimeError):
     """An attack returned examples outside its threat model."""
 
 
-def check_adversarial(x_adv: torch.Tensor, x: torch.Tensor, eps: float, name: str = "attack") -> None:
-    """Refuse an adversarial batch that left the eps-ball or [0, 1]: an error, never a number."""
+def check_adversarial(x_adv: torch.Tensor, x: torch.Tensor, eps: float, name: str = "attack",
+                      norm: str = "linf") -> None:
+    """Refuse an adversarial batch that left the eps-ball (L-inf or per-example L2) or [0, 1]:
+    an error, never a number."""
     if x_adv.shape != x.shape:
         raise ThreatModelError(f"{name} returned shape {tuple(x_adv.shape)} for input {tuple(x.shape)}")
     if not torch.isfinite(x_adv).all():
         raise ThreatModelError(f"{name} returned non-finite pixels")
     if x.numel() == 0:
         return
-    dist = (x_adv.float() - x.float()).abs().amax().item()
-    if dist > eps + BALL_TOL:
-        raise ThreatModelError(f"{name} left the eps-ball: ||x_adv - x||_inf = {dist:.6g} > eps = {eps:.6g}")
+    delta = (x_adv.float() - x.float()).flatten(1)
+    if norm == "linf":
+        dist = delta.abs().amax().item()
+        tol = BALL_TOL
+    elif norm == "l2":
+        dist = delta.norm(dim=1).amax().item()
+        tol = BALL_TOL + 1e-5 * eps  # float32 rounding of a norm over many pixels
+    else:
+        raise ValueError(f"unknown norm {norm!r}")
+    if dist > eps + tol:
+        raise ThreatModelError(f"{name} left the eps-ball: ||x_adv - x||_{norm[1:]} = {dist:.6g} > eps = {eps:.6g}")
     lo, hi = x_adv.min().item(), x_adv.max().item()
     if lo < -BALL_TOL or hi > 1 + BALL_TOL:
         raise ThreatModelError(f"{name} left [0, 1]: pixel range [{lo:.6g}, {hi:.6g}]")
@@ -117,19 +135,29 @@ def make_attack(name: str, dataset: str, eps: float | None = None, overrides: di
                 autocast=None, seed: int | None = None) -> Attack:
     """The named attack with the dataset's paper defaults. A user ``eps`` keeps the dataset's
     step/eps ratio (App. A: step = eps / 4); ``seed`` is the attack's seed unless the overrides
-    name one."""
+    name one. Under the L2 threat model (``norm`` "l2" in the overrides, or an L2-only attack)
+    the radius defaults to the dataset's L2 one."""
+    cls = ATTACKS.get(name)
+    overrides = dict(overrides or {})
+    norm = overrides.get("norm", next(f.default for f in dataclasses.fields(cls) if f.name == "norm"))
     defaults = DATASET_DEFAULTS[dataset]
+    if norm == "l2":
+        if defaults.l2_eps is None:
+            raise UserError(f"no default L2 radius for {dataset} (no paper gives one); pass --eps")
+        defaults = dataclasses.replace(defaults, eps=defaults.l2_eps,
+                                       step_size=round(defaults.step_size * defaults.l2_eps / defaults.eps, 12))
     if eps is not None and eps != defaults.eps:
-        if not 0 < eps <= 1:
-            raise UserError(f"--eps must be in (0, 1], got {eps}")
+        if norm == "linf" and not 0 < eps <= 1:
+            raise UserError(f"--eps must be in (0, 1] for the L-inf threat model, got {eps}")
+        if not 0 < eps:
+            raise UserError(f"--eps must be positive, got {eps}")
         # rounded, so that float noise in the ratio never makes a new result key
         step = round(defaults.step_size * eps / defaults.eps, 12)
         defaults = dataclasses.replace(defaults, eps=eps, step_size=step)
-    cls = ATTACKS.get(name)
-    overrides = dict(overrides or {})
     if seed is not None:
         overrides.setdefault("seed", seed)
-    check_option_types(name, cls.for_dataset(defaults), overrides)
+    reference = cls.for_dataset(defaults, **({"norm": overrides["norm"]} if "norm" in overrides else {}))
+    check_option_types(name, reference, overrides)
     attack = cls.for_dataset(defaults, **overrides)
     if autocast is not None and hasattr(attack, "autocast"):
         attack.autocast = autocast

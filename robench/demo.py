@@ -28,7 +28,8 @@ EPS_CURVE = [0.05, 0.1, 0.15, 0.2, 0.3, 0.5]
 def attack_batches() -> list[tuple[int | None, list[str]]]:
     """The registered attacks grouped by ``demo_n`` (None, every test image, first), in their
     order: the query-heavy ones run on the first images only, to fit the ten-minute budget."""
-    attacks = sorted(ATTACKS.ordered(), key=lambda a: ATTACKS.get(a).demo_n is not None)
+    core = [a for a in ATTACKS.ordered() if ATTACKS.get(a).core]
+    attacks = sorted(core, key=lambda a: ATTACKS.get(a).demo_n is not None)
     return [(n, list(group)) for n, group in groupby(attacks, key=lambda a: ATTACKS.get(a).demo_n)]
 
 
@@ -44,7 +45,7 @@ def run_demo(workdir: Path, out: Path, runtime: Runtime, progress: bool = True) 
     common = dict(workdir=workdir, runtime=runtime, progress=progress)
     for n, attacks in attack_batches():
         run_eval(defenses, attacks, n=n, **common)
-    sweep = [a for a in ATTACKS.ordered() if ATTACKS.get(a).eps_curve]
+    sweep = [a for a in ATTACKS.ordered() if ATTACKS.get(a).eps_curve and ATTACKS.get(a).core]
     run_eval(defenses, sweep, eps_list=EPS_CURVE, **common)
     run_sensitivity(defenses, sweep=True, **common)
     run_salience(defenses, workdir, runtime)

@@ -135,26 +135,32 @@ class Entry:
     row: Row
 
 
+def _norm(entry: Entry) -> str:
+    return json.loads(entry.row.key.params).get("norm", "linf")
+
+
 @dataclass
 class EvalReport:
     entries: list[Entry]
     checkpoints: list[str] = field(default_factory=list)  # "label: where its weights came from"
 
-    def groups(self) -> dict[tuple[str, float], list[Entry]]:
-        """Entries per (dataset, eps), each group holding every label's clean row too."""
-        out: dict[tuple[str, float], list[Entry]] = {}
+    def groups(self) -> dict[tuple[str, str, float], list[Entry]]:
+        """Entries per (dataset, threat model, eps), each group holding every label's clean row
+        too; L-inf and L2 results never share a table or a worst case."""
+        out: dict[tuple[str, str, float], list[Entry]] = {}
         for e in self.entries:
             if e.eps is not None:
-                out.setdefault((e.dataset, e.eps), [])
-        for (dataset, eps), group in out.items():
-            group.extend(e for e in self.entries if e.dataset == dataset and e.eps in (None, eps))
+                out.setdefault((e.dataset, _norm(e), e.eps), [])
+        for (dataset, norm, eps), group in out.items():
+            group.extend(e for e in self.entries if e.dataset == dataset
+                         and (e.eps is None or (e.eps == eps and _norm(e) == norm)))
         return out
 
     def table(self) -> str:
         lines = [f"checkpoint {c}" for c in self.checkpoints] + ([""] if self.checkpoints else [])
-        for (dataset, eps), group in self.groups().items():
+        for (dataset, norm, eps), group in self.groups().items():
             attacks = list(dict.fromkeys(e.attack for e in group))
-            lines.append(f"{dataset}, eps = {eps:g}: accuracy % (95% Wilson interval), first n test images")
+            lines.append(f"{dataset}, {norm} eps = {eps:g}: accuracy % (95% Wilson interval), first n test images")
             head = ["defense", *attacks, "worst case"]
             body = []
             for label in dict.fromkeys(e.label for e in group):
@@ -172,12 +178,12 @@ class EvalReport:
 
     def as_dict(self) -> dict:
         out = []
-        for (dataset, eps), group in self.groups().items():
+        for (dataset, norm, eps), group in self.groups().items():
             for label in dict.fromkeys(e.label for e in group):
                 rows = {e.attack: e.row for e in group if e.label == label}
                 wc, m = worst_case(list(rows.values()))
                 out.append({
-                    "defense": label, "dataset": dataset, "eps": eps, "checkpoint": next(iter(rows.values())).key.checkpoint,
+                    "defense": label, "dataset": dataset, "norm": norm, "eps": eps, "checkpoint": next(iter(rows.values())).key.checkpoint,
                     "results": {a: {"accuracy": r.value, "ci95": list(r.ci), "n": r.key.n,
                                     "params": json.loads(r.key.params), "examples": r.key.examples,
                                     "wall_s": r.wall_s, "warnings": r.warnings} for a, r in rows.items()},

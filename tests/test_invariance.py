@@ -39,7 +39,8 @@ def outcomes(workdir):
 
 
 def test_every_registered_attack_is_covered():
-    assert set(CHEAP) == set(ATTACKS), "add the new attack's cheap settings to CHEAP"
+    # robench's own attacks; the ta.* catalogue's invariance is tested in test_torchattacks.py
+    assert set(CHEAP) == {a for a in ATTACKS if ATTACKS[a].core}, "add the new attack's cheap settings to CHEAP"
 
 
 def test_outcomes_do_not_depend_on_the_batch_size(trained_workdir, tmp_path):

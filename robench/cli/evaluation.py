@@ -33,9 +33,13 @@ from robench.errors import UserError
               help="Comma-separated; see `robench list`.")
 @click.option("--n", "--n-examples", "n", type=int, default=None,
               help="First N test images (--n-examples under torchrun, whose parser claims --n) [default: the whole test set; 1500 for nattack, as in the paper].")
+@click.option("--norm", type=click.Choice(["linf", "l2"], case_sensitive=False), default=None,
+              help="Threat model of every attack in --attacks [default: linf, the paper's]; l2: --eps "
+                   "values are L2 radii [default: the dataset's, e.g. 0.5 on CIFAR-10]. -o ATTACK.norm=l2 "
+                   "sets one attack's.")
 @click.option("--eps", default=None,
-              help="L-inf radius, or several comma-separated for an accuracy-vs-eps curve "
-                   "[default: the dataset's]; the step size keeps the dataset's step/eps ratio.")
+              help="Radius (L-inf, or L2 with --norm l2), or several comma-separated for an accuracy-vs-eps "
+                   "curve [default: the dataset's]; the step size keeps the dataset's step/eps ratio.")
 @click.option("-o", "--attack-option", "options", multiple=True,
               help="Attack parameter, ATTACK.PARAM=VALUE, repeatable (e.g. -o nattack.iterations=100).")
 @click.option("--faithful", is_flag=True, help="N-attack: the official code's margin quirk.")
@@ -46,8 +50,8 @@ from robench.errors import UserError
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @workdir_option
 @device_options
-def eval_(defenses, zoo_only, checkpoint_path, arch, mean, std, dataset, data_dir, attacks, n, eps, options,
-          faithful, nattack_chunk, batch_size, seed, as_json, progress, workdir, device, amp, compile_):
+def eval_(defenses, zoo_only, checkpoint_path, arch, mean, std, dataset, data_dir, attacks, n, norm, eps,
+          options, faithful, nattack_chunk, batch_size, seed, as_json, progress, workdir, device, amp, compile_):
     """Evaluate defenses under attacks, e.g. `robench eval --defense rlfat-p --attacks pgd,cw,nattack`."""
     import json
 
@@ -80,6 +84,8 @@ def eval_(defenses, zoo_only, checkpoint_path, arch, mean, std, dataset, data_di
         set_option(overrides, "nattack", "faithful", True, "--faithful")
     if nattack_chunk is not None:
         set_option(overrides, "nattack", "chunk", nattack_chunk, "--nattack-chunk")
+    if norm is not None:
+        set_norm(overrides, attack_names, norm)
     eps_list = split_eps(eps) if eps is not None else [None]
     if eps is not None:
         both = sorted(a for a, params in overrides.items() if "eps" in params)
@@ -94,6 +100,18 @@ def eval_(defenses, zoo_only, checkpoint_path, arch, mean, std, dataset, data_di
             zoo_only=zoo_only)
     if d.main:
         click.echo(json.dumps(report.as_dict(), indent=2) if as_json else report.table())
+
+
+def set_norm(overrides: dict[str, dict], attack_names: list[str], norm: str) -> None:
+    """``--norm``: every attack's threat model, refused for an attack that does not implement it."""
+    from robench.registry import ATTACKS
+
+    for name in attack_names:
+        supported = ATTACKS.get(name).norms
+        if norm not in supported:
+            raise UserError(f"--norm {norm}: attack {name} supports {', '.join(supported)} only; "
+                            f"drop it from --attacks or use --norm {supported[0]}")
+        set_option(overrides, name, "norm", norm, f"--norm {norm}")
 
 
 @command()

@@ -128,7 +128,7 @@ def parse_overrides(values: tuple[str, ...], kind: str = "ATTACK",
     out: dict[str, dict] = {}
     for item in values:
         target, sep, value = item.partition("=")
-        name, dot, param = target.partition(".")
+        name, dot, param = target.rpartition(".")  # attack names may hold dots: ta.square.n_queries
         if not sep or not dot or not name.strip() or not param.strip():
             raise UserError(f"-o {item!r}: expected {kind}.PARAM=VALUE, e.g. -o {example}")
         if name != name.strip() or param != param.strip():

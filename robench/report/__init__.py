@@ -13,6 +13,9 @@ from pathlib import Path
 from robench import atomic
 from robench.report.cells import md_table
 from robench.report.checks import LARGE_EPS, run_checks, section_masking, warnings_count
+from robench.report.comparisons import section_comparisons
+from robench.report.consistency import consistency_checks, section_consistency
+from robench.report.l2 import section_l2
 from robench.report.missing import section_missing
 from robench.report.plugins import ablation_chains, attack_order, column_labels, defense_order, label
 from robench.report.provenance import section_provenance
@@ -39,9 +42,13 @@ def write_report(workdir: Path, out: Path) -> Path:
     checks = run_checks(wd)
     n_warn = warnings_count(checks)
     summary = [f"**{n_warn} gradient-masking warning(s)**; see that section.", ""] if n_warn else []
+    consistency = consistency_checks(wd)
+    if (n_cons := warnings_count(consistency)):
+        summary += [f"**{n_cons} attack-consistency warning(s)**; see that section.", ""]
     lines = [*section_intro(wd), *summary, *section_table1(wd), *section_table2(wd), *section_ablation(wd, out),
-             *section_eps(wd, out), *section_sweeps(wd, out), *section_salience(wd, out),
-             *section_training(wd, out), *section_rbs(wd, out), *section_masking(wd, checks),
+             *section_comparisons(wd), *section_eps(wd, out), *section_l2(wd), *section_sweeps(wd, out),
+             *section_salience(wd, out), *section_training(wd, out), *section_rbs(wd, out),
+             *section_consistency(wd, consistency), *section_masking(wd, checks),
              *section_missing(wd), *section_provenance(wd)]
     path = out / REPORT
     atomic.write_text(path, "\n".join(lines).rstrip() + "\n")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Sequence
 
 from robench.config import DATASET_DEFAULTS
-from robench.report.queries import differs, params
+from robench.report.queries import differs, norm_of, params
 from robench.store import Row
 
 
@@ -47,6 +47,11 @@ def dataset_label(dataset: str) -> str:
     return defaults.label if defaults is not None else dataset
 
 
+def threat_text(norm: str) -> str:
+    """A threat model's name in the report: L∞, L2."""
+    return {"linf": "L∞", "l2": "L2"}.get(norm, norm)
+
+
 def eps_text(eps: float) -> str:
     return f"{eps:g}"
 
@@ -57,10 +62,12 @@ def setting_text(row: Row) -> str:
 
 
 def result_label(row: Row) -> str:
-    """A stored result in words: "NAME ε=0.03", "NAME ε=0.03 (attack_steps=1)", "gamma 0.8"."""
+    """A stored result in words: "NAME ε=0.03", "NAME ε=0.03 (attack_steps=1)", "NAME L2 ε=0.5",
+    "gamma 0.8"."""
     p = params(row)
     if row.key.kind == "sensitivity":
         return f"{row.key.name} {p.get('value')}"
-    label = row.key.name if "eps" not in p else f"{row.key.name} ε={eps_text(float(p['eps']))}"
+    norm = "" if norm_of(row) == "linf" else f" {threat_text(norm_of(row))}"
+    label = row.key.name if "eps" not in p else f"{row.key.name}{norm} ε={eps_text(float(p['eps']))}"
     other = setting_text(row)
     return f"{label} ({other})" if other else label

@@ -113,8 +113,8 @@ def section_masking(wd: Reported, checks: Checks) -> list[str]:
     lines = ["## Gradient-masking checks", "",
              "(a) black-box accuracy more than 1 point below white-box; (b) accuracy rising with ε by "
              f"more than 1 point; (c) more than {pct(LARGE_EPS_MAX_ACC)}% accuracy at ε ≥ {LARGE_EPS:g}; "
-             "(d) a warning an attack raised itself (its own masking checks). (a)-(c) use results at the "
-             "default attack parameters only.", ""]
+             "(d) a warning an attack raised itself (its own masking checks). (a)-(c) use L∞ results at the "
+             "default attack parameters only; (d) covers every threat model.", ""]
     if not wd.runs:
         return lines + ["No runs; nothing to check.", ""]
     for (ds, d), found in checks.items():

@@ -5,6 +5,7 @@ from __future__ import annotations
 from robench.report.cells import eps_text
 from robench.report.checks import LARGE_EPS, large_eps_command
 from robench.report.figures import salience_png
+from robench.registry import ATTACKS
 from robench.report.plugins import CLEAN, attack_order, defense_order, label, paper_attacks, sweep_attack
 from robench.report.queries import Reported, default_eps, eps_series, read_log, sensitivity_at, table1_rows
 from robench.sensitivity import PAPER_POINTS
@@ -53,7 +54,7 @@ def missing_for_run(wd: Reported, ds: str, d: str) -> list[str]:
             items.append(f"no {label(a)} results for {d} on {ds} at ε = {eps_text(eps)}; run "
                          f"`robench eval --defense {d} --dataset {ds} --attacks {a}`")
     for a in attack_order():
-        if a not in asked and a not in t1:
+        if a not in asked and a not in t1 and ATTACKS.get(a).core:
             items.append(f"(optional) no {label(a)} results for {d} on {ds}; run "
                          f"`robench eval --defense {d} --dataset {ds} --attacks {a}`")
     rows = wd.results(ds, d)

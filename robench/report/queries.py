@@ -117,42 +117,58 @@ def pick(rows: Iterable[Row]) -> Row | None:
     return max(rows, key=lambda r: (r.key.n, r.created)) if rows else None
 
 
+def norm_of(row: Row) -> str:
+    """The threat model of a stored row: its ``norm`` parameter, "linf" for clean rows and rows
+    stored before attacks had one (AutoAttack's former "Linf" included)."""
+    return str(params(row).get("norm", "linf")).lower()
+
+
+def l2_eps(dataset: str) -> float | None:
+    """The dataset's default L2 radius (``--norm l2``), None where no paper gives one."""
+    defaults = DATASET_DEFAULTS.get(dataset)
+    return defaults.l2_eps if defaults is not None else None
+
+
 def default_eps(run: Run) -> float:
     defaults = DATASET_DEFAULTS.get(run.dataset)
     return defaults.eps if defaults is not None else float(run.meta["objective"].get("eps", "nan"))
 
 
 @functools.lru_cache(maxsize=None)
-def _default_params(name: str, dataset: str, eps: float | None) -> str | None:
+def _default_params(name: str, dataset: str, eps: float | None, norm: str = "linf") -> str | None:
     from robench.attack import make_attack
 
     try:
-        return canonical(make_attack(name, dataset, eps).params())
-    except UserError:  # an attack no longer registered, or a dataset without defaults
+        return canonical(make_attack(name, dataset, eps, None if norm == "linf" else {"norm": norm}).params())
+    except UserError:  # an attack no longer registered, a dataset without defaults, an unknown norm
         return None
 
 
 def differs(row: Row) -> dict:
-    """The parameters in which ``row`` differs from its attack's defaults at its eps ({}: none)."""
+    """The parameters in which ``row`` differs from its attack's defaults at its eps and threat
+    model ({}: none)."""
     if row.key.kind != "attack" or row.key.name == CLEAN:
         return {}
-    ref = _default_params(row.key.name, row.key.dataset, eps_of(row))
+    norm = norm_of(row)
+    ref = _default_params(row.key.name, row.key.dataset, eps_of(row), norm)
     if ref is None:
         return {k: v for k, v in params(row).items() if k != "eps"}
     ref = json.loads(ref)
-    return {k: v for k, v in params(row).items() if ref.get(k, object()) != v}
+    mine = {**params(row), **({"norm": norm} if "norm" in params(row) else {})}
+    return {k: v for k, v in mine.items() if ref.get(k, object()) != v}
 
 
 def is_default(row: Row) -> bool:
-    """Measured at the dataset's default attack parameters (at the row's eps)."""
+    """Measured at the dataset's default attack parameters (at the row's eps and threat model)."""
     return not differs(row)
 
 
-def attack_row(rows: list[Row], name: str, eps: float | None = None) -> Row | None:
-    """The chosen row of attack ``name`` (``"clean"``: the clean row) at ``eps``, at the
-    dataset's default parameters; a row with other parameters is never chosen."""
+def attack_row(rows: list[Row], name: str, eps: float | None = None, norm: str = "linf") -> Row | None:
+    """The chosen row of attack ``name`` (``"clean"``: the clean row, in every threat model) at
+    ``eps`` in threat model ``norm``, at the dataset's default parameters; a row with other
+    parameters or another threat model is never chosen."""
     matching = [r for r in rows if r.key.kind == "attack" and r.key.name == name and r.key.split == "test"
-                and (name == CLEAN or same(eps_of(r), eps)) and is_default(r)]
+                and (name == CLEAN or (same(eps_of(r), eps) and norm_of(r) == norm)) and is_default(r)]
     return pick(matching)
 
 
@@ -161,27 +177,32 @@ def sort_key(row: Row) -> tuple:
     return (row.key.kind, row.key.name, float(p.get("eps", p.get("value", -1.0))), row.key.n, row.created)
 
 
-def other_settings(rows: list[Row]) -> list[Row]:
-    """Attack rows at non-default parameters, which Table 1 and the checks leave out."""
-    return sorted((r for r in rows if r.key.kind == "attack" and not is_default(r)), key=sort_key)
+def other_settings(rows: list[Row], norm: str = "linf") -> list[Row]:
+    """Attack rows of threat model ``norm`` at non-default parameters, which Table 1 (or the L2
+    table) and the checks leave out."""
+    return sorted((r for r in rows if r.key.kind == "attack" and norm_of(r) == norm and not is_default(r)),
+                  key=sort_key)
 
 
-def table1_rows(wd: Reported, dataset: str, defense: str) -> dict[str, Row]:
-    """Clean and every attack at the dataset's default eps, in column order."""
+def table1_rows(wd: Reported, dataset: str, defense: str, norm: str = "linf") -> dict[str, Row]:
+    """Clean and every attack at the dataset's default eps of threat model ``norm`` (L-inf:
+    Table 1), in column order; {} for L2 on a dataset without a default L2 radius."""
     rows = wd.results(dataset, defense)
-    eps = default_eps(wd.runs[(dataset, defense)])
+    eps = default_eps(wd.runs[(dataset, defense)]) if norm == "linf" else l2_eps(dataset)
+    if eps is None:
+        return {}
     known = attack_order()
     names = [CLEAN, *known, *sorted({r.key.name for r in rows if r.key.kind == "attack"} - {CLEAN, *known})]
-    found = {name: attack_row(rows, name, eps) for name in names}
+    found = {name: attack_row(rows, name, eps, norm) for name in names}
     return {name: row for name, row in found.items() if row is not None}
 
 
-def eps_series(rows: list[Row], attack: str) -> dict[float, Row]:
-    """The chosen row per eps for one attack."""
+def eps_series(rows: list[Row], attack: str, norm: str = "linf") -> dict[float, Row]:
+    """The chosen row per eps for one attack in threat model ``norm``."""
     by_eps: dict[float, list[Row]] = defaultdict(list)
     for r in rows:
         if (r.key.kind == "attack" and r.key.name == attack and r.key.split == "test" and eps_of(r) is not None
-                and is_default(r)):
+                and norm_of(r) == norm and is_default(r)):
             by_eps[round(eps_of(r), 9)].append(r)
     return {eps: pick(group) for eps, group in sorted(by_eps.items())}
 

@@ -55,8 +55,16 @@ def table1_for(wd: Reported, ds: str) -> list[str]:
     defenses = wd.defenses(ds)
     eps = default_eps(wd.runs[(ds, defenses[0])])
     per = {d: table1_rows(wd, ds, d) for d in defenses}
+    lines = [f"### {dataset_label(ds)}, ε = {eps_text(eps)} (L∞)", ""] + accuracy_table(per, paper_attacks())
+    return lines + paper_table1(ds, per, eps) + other_settings_table(wd, ds)
+
+
+def accuracy_table(per: dict[str, dict[str, Row]], asked: list[str]) -> list[str]:
+    """Clean, the ``asked`` attacks, then every other one measured, and the worst case: one row
+    per defense of ``per`` (defense -> column -> its chosen row)."""
+    defenses = list(per)
     present = set().union(*per.values())
-    asked, known = paper_attacks(), attack_order()
+    known = attack_order()
     columns = [CLEAN, *asked, *(a for a in known if a not in asked and a in present),
                *sorted(present - {CLEAN, *known})]
     body = []
@@ -69,19 +77,18 @@ def table1_for(wd: Reported, ds: str) -> list[str]:
         else:
             cells.append("—")
         body.append([d, *cells])
-    lines = [f"### {dataset_label(ds)}, ε = {eps_text(eps)}", ""]
-    lines += md_table(["defense", *(label(c) for c in columns), "worst case"], body)
+    lines = md_table(["defense", *(label(c) for c in columns), "worst case"], body)
     ns = {label(c): sorted({per[d][c].key.n for d in defenses if c in per[d]}) for c in columns}
     lines += ["Images per column: " + "; ".join(f"{c} n={'/'.join(map(str, n))}" for c, n in ns.items() if n)
               + ". All at the dataset's default attack parameters; the worst case is over the first n "
               "examples common to every column. A dash means not evaluated (see Missing pieces).", ""]
-    return lines + paper_table1(ds, per, eps) + other_settings_table(wd, ds)
+    return lines
 
 
-def other_settings_table(wd: Reported, ds: str) -> list[str]:
+def other_settings_table(wd: Reported, ds: str, norm: str = "linf") -> list[str]:
     """Results at non-default attack parameters: their own rows, labelled with what differs."""
     body = [[d, label(r.key.name), eps_text(eps_of(r)), setting_text(r), str(r.key.n), acc_cell(r.value, r.ci)]
-            for d in wd.defenses(ds) for r in other_settings(wd.results(ds, d))]
+            for d in wd.defenses(ds) for r in other_settings(wd.results(ds, d), norm)]
     if not body:
         return []
     return ["Other attack settings (not in the table above, nor in the worst case, ablation or checks):", "",
@@ -182,7 +189,7 @@ def section_ablation(wd: Reported, out: Path) -> list[str]:
 
 
 def section_eps(wd: Reported, out: Path) -> list[str]:
-    lines = ["## Robust accuracy vs ε", ""]
+    lines = ["## Robust accuracy vs ε (L∞)", ""]
     panels, body = [], []
     for ds in wd.datasets():
         for attack in attack_order():

@@ -46,8 +46,9 @@ def entry_from_run(run_dir: Path, rows: Sequence[Row], urls: Sequence[str] = (),
 def results_for(run_dir: Path, meta: dict, rows: Sequence[Row]) -> dict[str, dict[str, Any]]:
     """For each attack and radius measured on the test split at the attack's default parameters,
     the row with the most examples (the report's choice), keyed by the attack's name at the
-    dataset's default radius and ``ATTACK@EPS`` at any other."""
-    from robench.report.queries import Run, default_eps, eps_of, is_default, params, pick, same
+    dataset's default radius, ``ATTACK@EPS`` at any other, and ``ATTACK@l2:EPS`` under the L2
+    threat model."""
+    from robench.report.queries import Run, default_eps, eps_of, is_default, norm_of, params, pick, same
 
     sha = meta["files"]["weights"]["sha256"]
     eps0 = default_eps(Run(run_dir, meta))
@@ -58,8 +59,11 @@ def results_for(run_dir: Path, meta: dict, rows: Sequence[Row]) -> dict[str, dic
             continue
         if not is_default(row):
             continue
-        eps = eps_of(row)
-        key = k.name if eps is None or same(eps, eps0) else f"{k.name}@{eps:g}"
+        eps, norm = eps_of(row), norm_of(row)
+        if norm != "linf":  # the L2 results under their own names, never beside the L-inf ones
+            key = f"{k.name}@l2:{eps:g}"
+        else:
+            key = k.name if eps is None or same(eps, eps0) else f"{k.name}@{eps:g}"
         groups.setdefault(key, []).append(row)
     out = {}
     for key in sorted(groups):
