@@ -36,6 +36,8 @@ EXPECTED = {
     "autoattack_crosscheck.py": ["# AutoAttack: reference (pyautoattack) vs torchattacks",
                                  "| reference (pyautoattack", "| torchattacks 3.5.1 `AutoAttack` standard |",
                                  "(`--matched`)", "## Conclusion"],
+    "cpu_runtime.py": ["# CPU runtime: float32 vs channels_last vs bf16", "| tiny-cnn | 64 | 1 |",
+                       "| wrn-10-1 | 32 | 2 |", "Fastest variant per architecture"],
     "ddp_cpu.py": ["# DDP on CPU", "| train pgdat, tiny-cnn", "| eval clean + PGD-2",
                    "identical to the single process: **True**"],
 }
