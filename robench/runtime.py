@@ -50,19 +50,29 @@ def resolve_device(name: str = "auto") -> torch.device:
 
 @dataclass
 class Runtime:
+    """How models run. Defaults, measured (``benchmarks/results/cpu_runtime.md``): channels_last
+    everywhere (on CPU 1.11-1.26x for tiny-cnn, wrn-10-1 and wrn-16-2 on AMD EPYC; 1.1-1.34x on
+    an Intel Xeon); bf16 autocast on CUDA, and on CPU only when asked (``--amp``): it is 1.6-2.2x
+    faster for the WRNs on an AMD EPYC with bf16 instructions but 0.75x on wider models on an
+    Intel Xeon, so no single CPU default is right, and it changes the numbers."""
+
     device: torch.device
-    amp: bool = True  # bf16 autocast, CUDA only
-    channels_last: bool = True  # CUDA only
+    amp: bool = True  # bf16 autocast
+    channels_last: bool = True
     compile: bool = False
 
     @classmethod
-    def create(cls, device: str = "auto", amp: bool = True, compile: bool = False) -> "Runtime":
+    def create(cls, device: str = "auto", amp: bool | None = None, compile: bool = False,
+               channels_last: bool | None = None) -> "Runtime":
+        """``amp``/``channels_last`` None: the measured default for the device (see the class)."""
         dev = resolve_device(device)
-        if dev.type == "cuda":
+        cuda = dev.type == "cuda"
+        if cuda:
             torch.backends.cudnn.benchmark = True
             torch.backends.cuda.matmul.allow_tf32 = True
             torch.backends.cudnn.allow_tf32 = True
-        return cls(dev, amp=amp and dev.type == "cuda", channels_last=dev.type == "cuda", compile=compile)
+        return cls(dev, amp=cuda if amp is None else amp, channels_last=True if channels_last is None else channels_last,
+                   compile=compile)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.amp:

@@ -373,7 +373,9 @@ def cli_eval(tmp_path, monkeypatch, folder, path, arch, *extra):
         warnings.simplefilter("ignore")
         r = CliRunner().invoke(cli, [str(a) for a in args], prog_name="robench")
     assert r.exit_code == 0, r.output + r.stderr
-    return seen[0].model, json.loads(r.stdout)
+    # the runtime runs models channels_last; back in the default layout the weights must give
+    # the reference logits exactly
+    return seen[0].model.to(memory_format=torch.contiguous_format), json.loads(r.stdout)
 
 
 def test_cli_eval_checkpoint_with_normalisation(tmp_path, monkeypatch, folder):

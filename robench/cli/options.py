@@ -71,8 +71,9 @@ def workdir_option(f):
 
 def device_options(f):
     f = click.option("--compile", "compile_", is_flag=True, help="torch.compile the model (GPU).")(f)
-    f = click.option("--amp/--no-amp", default=True, show_default=True,
-                     help="bf16 autocast on CUDA (ignored on CPU).")(f)
+    f = click.option("--amp/--no-amp", default=None,
+                     help="bf16 autocast [default: on with CUDA, off on CPU, where it is faster on some "
+                          "CPUs and slower on others: benchmarks/results/cpu_runtime.md].")(f)
     return click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(f)
 
 
