@@ -115,8 +115,14 @@ def section_masking(wd: Reported, checks: Checks) -> list[str]:
              f"more than 1 point; (c) more than {pct(LARGE_EPS_MAX_ACC)}% accuracy at ε ≥ {LARGE_EPS:g}; "
              "(d) a warning an attack raised itself (its own masking checks). (a)-(c) use L∞ results at the "
              "default attack parameters only; (d) covers every threat model.", ""]
+    return lines + per_run(wd, checks)
+
+
+def per_run(wd: Reported, checks: Checks) -> list[str]:
+    """The findings of a check, listed run by run."""
     if not wd.runs:
-        return lines + ["No runs; nothing to check.", ""]
+        return ["No runs; nothing to check.", ""]
+    lines = []
     for (ds, d), found in checks.items():
         lines.append(f"- **{d}** on {dataset_label(ds)}:")
         lines += [f"  - {c}" for c in found]

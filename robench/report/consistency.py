@@ -17,8 +17,8 @@ from itertools import combinations
 
 import numpy as np
 
-from robench.report.cells import dataset_label, eps_text, pct
-from robench.report.checks import WARNING
+from robench.report.cells import eps_text, pct
+from robench.report.checks import WARNING, per_run
 from robench.report.plugins import CLEAN, attack_class, label, white_box
 from robench.report.queries import Reported, eps_of, is_default, params, pick
 from robench.store import Row, common_examples, on_examples
@@ -100,9 +100,4 @@ def section_consistency(wd: Reported, checks: Checks) -> list[str]:
              "as strong as the others, so it should break every image another white-box attack breaks; "
              f"missing more than {pct(SHARE)}% of the images is flagged: evidence of a broken attack or of "
              "gradient masking. Other pairs are listed for information.", ""]
-    if not wd.runs:
-        return lines + ["No runs; nothing to check.", ""]
-    for (ds, d), found in checks.items():
-        lines.append(f"- **{d}** on {dataset_label(ds)}:")
-        lines += [f"  - {c}" for c in found]
-    return lines + [""]
+    return lines + per_run(wd, checks)
