@@ -453,3 +453,14 @@ def test_every_zoo_path_option_refuses_an_empty_path(command, option, tmp_path, 
     args = {"show": ["x"], "fetch": ["x"], "add": ["x", "--url", "https://e.org/x"], "export": ["x"]}
     r = invoke(["zoo", command, *args.get(command, []), option, ""])
     assert r.exit_code == 2 and r.stderr == f"error: {option} is empty\n" and list(tmp_path.iterdir()) == []
+
+
+def test_add_updates_an_entry_of_the_shipped_manifest(evaluated):
+    """Re-publishing into the shipped manifest itself (how robench's own entries are refreshed)
+    replaces the entry rather than refusing it as a clash with another manifest."""
+    from robench.zoo import manifest
+
+    for verb in ("added", "updated"):
+        r = invoke(["zoo", "add", "standard", "--workdir", evaluated, "--ship", "--manifest", manifest.SHIPPED])
+        assert r.exit_code == 0 and r.output.startswith(f"{verb} standard-digits"), r.output
+    assert [e.name for e in zoo.read_manifest(manifest.SHIPPED)] == ["standard-digits"]

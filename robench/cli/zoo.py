@@ -180,7 +180,7 @@ def add(run, manifest, urls, ship, name, dataset, notes, workdir):
     weights and write its settings and stored results as a manifest entry."""
     from robench import atomic, checkpoint
     from robench.zoo import entry_from_run, read_manifest, write_manifest
-    from robench.zoo.manifest import entries, manifest_paths, _same_file
+    from robench.zoo.manifest import _same_file, manifest_paths
 
     if not urls and not ship:
         raise UserError("give --url URL (where you put the weights file) or --ship")
@@ -191,7 +191,7 @@ def add(run, manifest, urls, ship, name, dataset, notes, workdir):
     rows = _rows(results_workdir, meta["files"]["weights"]["sha256"])
     entry = entry_from_run(run_dir, rows, urls, name=name, shipped=ship, notes=notes)
     others = [p for p in manifest_paths() if not _same_file(p, manifest)]
-    for e in entries(others):
+    for e in (e for path in others if Path(path).is_file() for e in read_manifest(path)):
         if e.name == entry.name:
             raise UserError(f"zoo entry {entry.name!r} already exists in {e.source}; pass another --name")
     current = read_manifest(manifest) if manifest.exists() else []
