@@ -64,3 +64,16 @@ def test_no_checkpoint_anywhere_names_both_places(tmp_path):
         run_eval(["pgdat"], ["pgd"], tmp_path, CPU, dataset="cifar10", progress=False)
     with pytest.raises(UserError, match="zoo checkpoint pgdat-digits was trained on digits, not cifar10"):
         run_eval(["pgdat-digits"], ["pgd"], tmp_path, CPU, dataset="cifar10", progress=False)
+
+
+def test_the_report_covers_a_zoo_checkpoint_evaluated_in_the_workdir(tmp_path):
+    from robench.report import write_report
+
+    wd = tmp_path / "wd"
+    report = run_eval(["rlfat-p"], ["pgd"], wd, CPU, n=40, progress=False)
+    text = write_report(wd, tmp_path / "out").read_text()
+    table1 = text.split("## Accuracy (Table 1 format)")[1].split("\n## ")[0]
+    pgd = next(e.row for e in report.entries if e.attack == "pgd")
+    assert f"| rlfat-p | " in table1 and f"{100 * pgd.value:.1f} [" in table1
+    assert "zoo: rlfat-p-digits" in text.split("## Provenance")[1]
+    assert "Results ignored" not in text

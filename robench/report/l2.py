@@ -29,8 +29,9 @@ def section_l2(wd: Reported) -> list[str]:
     datasets = [ds for ds in wd.datasets() if has_l2(wd, ds)]
     if not datasets:
         example = wd.defenses(wd.datasets()[0])[0] if wd.runs else "DEFENSE"
+        core = [a for a in l2_attacks() if ATTACKS.get(a).core]  # the catalogue's ta.* too long to list
         return lines + ["No L2 results stored; e.g. `robench eval --defense "
-                        f"{example} --norm l2 --attacks {','.join(l2_attacks())}`.", ""]
+                        f"{example} --norm l2 --attacks {','.join(core)}`.", ""]
     for ds in datasets:
         lines += l2_for(wd, ds)
     return lines

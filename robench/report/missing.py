@@ -64,7 +64,7 @@ def missing_for_run(wd: Reported, ds: str, d: str) -> list[str]:
     if not any(e >= LARGE_EPS for a in attack_order() for e in eps_series(rows, a)):
         items.append(f"(sanity check) no attack at ε ≥ {LARGE_EPS:g} for {d} on {ds}; run "
                      f"`{large_eps_command(ds, d)}`")
-    if not read_log(run):
+    if run.run_dir is not None and not read_log(run):
         items.append(f"no training log for {d} on {ds} ({run.run_dir / 'train_log.csv'})")
     return items
 

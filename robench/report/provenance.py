@@ -23,7 +23,7 @@ def run_row(run: Run) -> list[str]:
     seconds = m.get("train_seconds")
     return [m["defense"], m["dataset"], m.get("arch", "?"), f"`{run.sha[:16]}`",
             f"{m.get('step')}/{cfg.get('steps')}", hp, versions, m.get("runtime", {}).get("device", "?"),
-            "?" if seconds is None else f"{seconds:.0f} s", m.get("saved_at", "?"), run.run_dir.name]
+            "?" if seconds is None else f"{seconds:.0f} s", m.get("saved_at", "?"), run.name]
 
 
 def section_provenance(wd: Reported) -> list[str]:
@@ -78,7 +78,7 @@ def ignored_lines(wd: Reported) -> list[str]:
         if r.key.data != wd.digests.get(r.key.dataset, r.key.data):
             why = f"measured on another version of the {r.key.dataset} test split (digest `{r.key.data}`)"
         elif run:
-            why = f"older or unfinished run `{run.run_dir.name}`"
+            why = f"older or unfinished run `{run.name}`"
         else:
             why = "checkpoint not among this workdir's runs (e.g. `robench eval --checkpoint FILE`)"
         groups[(r.defense, r.key.dataset, r.key.checkpoint[:16], why)] += 1

@@ -24,8 +24,16 @@ EPS_TOL = 1e-6
 
 @dataclass
 class Run:
-    run_dir: Path
+    """A reported checkpoint: a run trained in the workdir, or a zoo checkpoint evaluated there
+    (``run_dir`` None, ``zoo`` its entry's name)."""
+
+    run_dir: Path | None
     meta: dict
+    zoo: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.run_dir.name if self.run_dir is not None else f"zoo: {self.zoo}"
 
     @property
     def defense(self) -> str:
@@ -79,9 +87,13 @@ def load_workdir(workdir: Path) -> Reported:
     if not (Path(workdir) / DB_NAME).exists():
         return wd
     wd.has_db = True
-    reported = {run.sha: run for run in runs.values()}
     with Store.in_workdir(workdir) as store:
         rows = store.rows()
+    # A zoo checkpoint evaluated here is reported like a run, unless the workdir trained its own.
+    for entry in _zoo_entries({row.key.checkpoint for row in rows}):
+        if (entry.dataset, entry.defense) not in runs:
+            runs[(entry.dataset, entry.defense)] = Run(None, entry.record(), entry.name)
+    reported = {run.sha: run for run in runs.values()}
     # One version of each dataset's test split (its digest) per report, the one most results
     # were measured on, so every comparison is on the same examples.
     counts: dict[tuple[str, str], int] = defaultdict(int)
@@ -96,6 +108,18 @@ def load_workdir(workdir: Path) -> Reported:
             wd.ignored.append(row)
     wd.digests = digest
     return wd
+
+
+def _zoo_entries(checkpoints: set[str]) -> list:
+    """The zoo entries (robench's own models, no external normalisation) whose checkpoint has
+    stored results; a broken extra manifest must not sink the report."""
+    from robench import zoo
+    from robench.errors import UserError
+
+    try:
+        return [e for e in zoo.entries() if e.sha256 in checkpoints and e.mean is None]
+    except UserError:
+        return []
 
 
 def params(row: Row) -> dict:
@@ -237,6 +261,8 @@ def mean_robust(rows: dict[str, Row]) -> tuple[float | None, list[str], int]:
 
 
 def read_log(run: Run) -> list[dict[str, float]]:
+    if run.run_dir is None:  # a zoo checkpoint: no training log here
+        return []
     path = run.run_dir / "train_log.csv"
     if not path.exists():
         return []

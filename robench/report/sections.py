@@ -31,8 +31,8 @@ def section_intro(wd: Reported) -> list[str]:
     attacks = sorted({r.key.name for rows in wd.rows.values() for r in rows if r.key.kind == "attack"} - {CLEAN})
     n_text = f"the first n = {', '.join(map(str, ns))} test images" if ns else "no test images yet"
     lines.append(
-        f"This report covers {len(wd.runs)} trained run(s), the newest finished run per defense and "
-        f"dataset: {'; '.join(parts)}. Models were evaluated on {n_text} (n per result is in the "
+        f"This report covers {len(wd.runs)} checkpoint(s), per defense and dataset the newest finished "
+        f"run trained in this workdir, else a zoo checkpoint evaluated here: {'; '.join(parts)}. Models were evaluated on {n_text} (n per result is in the "
         f"provenance section), clean and under {', '.join(label(a) for a in attacks) or 'no attack'}. "
         f"Accuracy is in %, with 95% Wilson intervals in brackets; the worst case counts an example as "
         f"robust only if it survives clean evaluation and every attack listed for that defense, on the "
