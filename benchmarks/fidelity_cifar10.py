@@ -11,7 +11,10 @@ Run from the repository root (about 40 minutes on 2 shared CPU cores with the de
     nohup nice -n 10 .venv/bin/python benchmarks/fidelity_cifar10.py > fidelity.log 2>&1 &
 
 Re-running resumes: finished training runs and stored results are skipped (robench's train and
-evaluate resume). The data is ``../shared/data/cifar10-jpeg.tar.gz`` next to the repository; when
+evaluate resume). ``--eval-steps 250,1000`` also evaluates every run on its way to ``--steps``:
+it is trained to 250 steps, evaluated, resumed to 1000 (training is exactly resumable), evaluated,
+and so on; each stage's weights sha256 is kept in ``fidelity_stages.json`` in the workdir (the run's
+folder keeps only its newest weights) and the report adds a learning-curve table of the paper's pairs. The data is ``../shared/data/cifar10-jpeg.tar.gz`` next to the repository; when
 it is absent the script prints one line and exits 0.
 
 What is scaled down, identically for every defense (``--steps``, ``--arch``): the model (a Madry
@@ -59,6 +62,9 @@ CACHE = Path.home() / ".cache" / "robench"
 OUT = REPO / "benchmarks" / "results" / "fidelity_cifar10"
 MARKER = ".robench-unpacked"
 TIMINGS = "fidelity_timings.json"
+STAGES = "fidelity_stages.json"  # workdir name -> defense -> step -> weights sha256 (--eval-steps)
+# The paper's pairs the learning curve follows (a vs b: a - b).
+CURVE_PAIRS = [("rlfat-p", "pgdat"), ("rlfat-t", "trades"), ("trades", "pgdat")]
 
 # The paper's four defenses and Table 1 columns, in its order (robench.paper is plain data).
 PAPER4 = list(paper.TABLE1["cifar10"])
@@ -130,6 +136,11 @@ class Plan:
     threads: int
     smoke: bool
     seed: int = 0
+    eval_steps: list[int] = dataclasses.field(default_factory=list)  # evaluated on the way to `steps`
+
+    def stages(self) -> list[int]:
+        """The step counts each run is trained to and evaluated at, in order; the last is ``steps``."""
+        return sorted({s for s in self.eval_steps if 0 < s < self.steps} | {self.steps})
 
     def workdir_of(self, variant: str | None) -> Path:
         return self.workdir / ("main" if variant is None else f"variant-{variant}")
@@ -187,7 +198,10 @@ def _label(defense: str, variant: str | None) -> str:
     return f"{defense}{' ' + variant if variant else ''}"
 
 
-def task_train(plan: Plan, defense: str, variant: str | None) -> dict:
+def task_train(plan: Plan, defense: str, variant: str | None, target: int | None = None) -> dict:
+    """Train (or resume) the run to ``target`` steps (default: ``plan.steps``). A run already past a
+    ``target`` short of ``plan.steps`` is left alone (``"past": True``): that stage's weights are gone,
+    its results were stored before the run went on (``execute``'s order)."""
     from robench.checkpoint import META, read_meta
     from robench.runtime import Runtime
     from robench.train import train
@@ -196,15 +210,21 @@ def task_train(plan: Plan, defense: str, variant: str | None) -> dict:
     t0 = time.perf_counter()
     splits, _ = _data(plan)
     workdir = plan.workdir_of(variant)
-    cfg = plan.train_config(defense, variant)
+    target = plan.steps if target is None else target
+    cfg = dataclasses.replace(plan.train_config(defense, variant), steps=target)
     name = cfg.default_name()
     run_dir = runs_dir(workdir) / name
     before = read_meta(run_dir)["step"] if (run_dir / META).exists() else 0
+    stage = f" to step {target}" if plan.eval_steps else ""
+    if before > target and target < plan.steps:
+        return {"task": f"train {_label(defense, variant)}{stage}", "wall_s": time.perf_counter() - t0,
+                "new": 0, "past": True, "step": before}
     result = train(cfg, workdir, Runtime.create("cpu"), name=name, resume=run_dir.exists(),
                    splits=splits, progress=False, checkpoint_every=max(1, min(50, plan.steps)),
                    log_every=max(1, min(10, plan.steps)))
-    return {"task": f"train {_label(defense, variant)}", "wall_s": time.perf_counter() - t0,
-            "train_seconds": result.meta.get("train_seconds"), "new": result.meta["step"] - before}
+    return {"task": f"train {_label(defense, variant)}{stage}", "wall_s": time.perf_counter() - t0,
+            "train_seconds": result.meta.get("train_seconds"), "new": result.meta["step"] - before,
+            "step": result.meta["step"], "sha256": result.meta["files"]["weights"]["sha256"]}
 
 
 def task_eval(plan: Plan, defense: str, variant: str | None, attack_name: str, n: int,
@@ -286,38 +306,98 @@ def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
+def read_stages(plan: Plan) -> dict:
+    """The benchmark's record of each run's evaluated stages: workdir name -> defense -> {step: sha256}.
+    The checkpoint folder keeps only a run's newest weights; this says which stored results belong to
+    which step (results are keyed by the weights' sha256)."""
+    path = plan.workdir / STAGES
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def record_stage(plan: Plan, stages: dict, defense: str, variant: str | None, step: int, sha: str) -> None:
+    from robench import atomic
+
+    runs = stages.setdefault(plan.workdir_of(variant).name, {}).setdefault(defense, {})
+    if runs.get(str(step)) != sha:
+        runs[str(step)] = sha
+        atomic.write_text(plan.workdir / STAGES, json.dumps(stages, indent=1, sort_keys=True) + "\n")
+
+
 def execute(plan: Plan) -> None:
     """Train every run, then evaluate it; a finished run's evaluations start while others train.
-    Logs one line per task, then how many of them trained or stored anything new."""
+    With ``--eval-steps`` each run goes stage by stage: train to a stage's step count, evaluate, and
+    only once all its evaluations are stored resume the same run to the next stage (so no stage's
+    weights are replaced while they are being evaluated). Logs one line per task, then how many of them
+    trained or stored anything new."""
     runs = plan.runs()
     # Attack-trained runs first (standard costs ~1/11 of a step), so the tail is short.
     runs.sort(key=lambda r: r[0] == "standard")
-    train_tasks = [("train", plan, d, v) for d, v in runs]
+    stages = plan.stages()
+    record = read_stages(plan)
     results: list[dict] = []
 
     def done(result: dict) -> None:
         results.append(result)
         log(f"done {_describe(result)}")
 
+    def trained(task: tuple, result: dict) -> list[tuple]:
+        """After a train task: record the stage's weights and return its evaluations (none for a stage
+        the run had gone past already)."""
+        _, _, defense, variant, target = task
+        if result.get("past"):
+            if str(target) not in record.get(plan.workdir_of(variant).name, {}).get(defense, {}):
+                log(f"warning: {_label(defense, variant)} is at step {result['step']}, past step {target}, "
+                    f"which was never recorded; its weights are gone and it is not evaluated")
+            return []
+        record_stage(plan, record, defense, variant, result["step"], result["sha256"])
+        return eval_tasks(plan, defense, variant)
+
+    def next_train(task: tuple) -> tuple | None:
+        _, _, defense, variant, target = task
+        i = stages.index(target)
+        return ("train", plan, defense, variant, stages[i + 1]) if i + 1 < len(stages) else None
+
+    first = [("train", plan, d, v, stages[0]) for d, v in runs]
     if plan.workers <= 1:
         _init_worker(plan.threads)
-        for t in train_tasks:
-            done(_run(t))
-            for e in eval_tasks(plan, t[2], t[3]):
-                done(_run(e))
+        for t in first:
+            while t is not None:
+                result = _run(t)
+                done(result)
+                for e in trained(t, result):
+                    done(_run(e))
+                t = next_train(t)
     else:
         ctx = get_context("spawn")  # no fork of a process that may already hold OpenMP threads
         with ProcessPoolExecutor(plan.workers, mp_context=ctx, initializer=_init_worker,
                                  initargs=(plan.threads,)) as pool:
-            pending = {pool.submit(_run, t): t for t in train_tasks}
+            pending = {pool.submit(_run, t): t for t in first}
+            waiting: dict[tuple, int] = {}  # (defense, variant, stage) -> evaluations still running
+            parent: dict = {}  # evaluation future -> the train task of its stage
+
+            def after_stage(task: tuple) -> None:
+                nxt = next_train(task)
+                if nxt is not None:
+                    pending[pool.submit(_run, nxt)] = nxt
+
             while pending:
                 finished, _ = wait(pending, return_when=FIRST_COMPLETED)
                 for fut in finished:
                     task = pending.pop(fut)
                     done(fut.result())  # an error in a worker stops the benchmark; re-run to resume
                     if task[0] == "train":
-                        for e in eval_tasks(plan, task[2], task[3]):
-                            pending[pool.submit(_run, e)] = e
+                        evals = trained(task, fut.result())
+                        if not evals:
+                            after_stage(task)
+                        waiting[task[2:]] = len(evals)
+                        for e in evals:
+                            f = pool.submit(_run, e)
+                            pending[f], parent[f] = e, task
+                    else:
+                        stage = parent.pop(fut)
+                        waiting[stage[2:]] -= 1
+                        if not waiting[stage[2:]]:
+                            after_stage(stage)
     fresh = sum(r["new"] > 0 for r in results)
     log(f"tasks: {fresh} of {len(results)} trained or stored something new "
         f"({len(results) - fresh} found finished in the workdir)")
@@ -463,6 +543,60 @@ def variant_table(plan: Plan, main_rows: dict, main_metas: dict) -> list[str]:
     return md_table(head, body)
 
 
+def learning_curve(plan: Plan) -> list[str]:
+    """The paper's pairs at every evaluated step (``--eval-steps``): a - b under PGD (paired, McNemar)
+    and in loss sensitivity (mean of the per-image differences, paired 95% interval). Each step's rows
+    are found by the weights' sha256 the benchmark recorded for it (``STAGES``)."""
+    from robench.compare import p_text, paired_rows
+    from robench.report import load_workdir, md_table, sensitivity_at
+    from robench.report.queries import attack_row, default_eps
+    from robench.sensitivity import PAPER_POINTS
+    from robench.store import Store
+
+    main_wd = plan.workdir_of(None)
+    recorded = read_stages(plan).get(main_wd.name, {})
+    wd = load_workdir(main_wd)
+    if not wd.has_db:
+        return ["No results yet.", ""]
+    digest = wd.digests.get("folder")
+    with Store.in_workdir(main_wd) as store:
+        by_sha: dict[str, list] = {}
+        for row in store.rows():
+            if row.key.dataset == "folder" and row.key.data == digest:
+                by_sha.setdefault(row.key.checkpoint, []).append(row)
+    run = next((r for (ds, _), r in wd.runs.items() if ds == "folder"), None)
+    eps = default_eps(run) if run is not None else None
+    points = [(t, v) for t, values in PAPER_POINTS.items() for v in values]
+    head = ["pair (a vs b)", "step", "PGD a", "PGD b", "Δ PGD a − b [95%]", "McNemar p",
+            *(f"Δ l {t} {v:g} [95%]" for t, v in points)]
+    body = []
+    for a, b in CURVE_PAIRS:
+        steps = sorted(set(recorded.get(a, {})) & set(recorded.get(b, {})), key=int)
+        for step in steps:
+            if int(step) not in plan.stages():
+                continue
+            rows_a, rows_b = by_sha.get(recorded[a][step], []), by_sha.get(recorded[b][step], [])
+            pgd_a, pgd_b = attack_row(rows_a, "pgd", eps), attack_row(rows_b, "pgd", eps)
+            stats = paired_rows(pgd_a, pgd_b) if pgd_a is not None and pgd_b is not None else None
+            if stats is None:
+                cells = ["—"] * 4
+            else:
+                cells = [f"{100 * stats.acc_a:.1f}", f"{100 * stats.acc_b:.1f}",
+                         f"{100 * stats.diff:+.1f} [{100 * stats.ci[0]:+.1f}, {100 * stats.ci[1]:+.1f}] "
+                         f"(n={stats.n})", p_text(stats.p)]
+            for t, v in points:
+                sa, sb = sensitivity_at(rows_a, t, v), sensitivity_at(rows_b, t, v)
+                if sa is None or sb is None:
+                    cells.append("—")
+                    continue
+                m, lo, hi, n = paired_diff(sa, sb)
+                cells.append("—" if not n else f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]")
+            body.append([f"{a} vs {b}", step, *cells])
+    if not body:
+        return ["No evaluated steps recorded yet.", ""]
+    return md_table(head, body)
+
+
 def header(plan: Plan, timings: dict) -> list[str]:
     from robench.models import build_model, count_params
     from robench.report import column_labels, md_table
@@ -499,6 +633,14 @@ def header(plan: Plan, timings: dict) -> list[str]:
         if all(c in ours.get(d, {}) for d in PAPER4):
             ranks.append([f"loss sensitivity {c} (lower first)", ranking(ours, c, True), paper_ranking(c)])
     lines += ["### Rankings", "", *md_table(["column", "ours (n)", "paper CIFAR-10"], ranks)]
+    if plan.eval_steps:
+        lines += ["### Learning curve", "",
+                  f"Each run was trained in stages (steps {', '.join(map(str, plan.stages()))}; robench's "
+                  "resume, so a run evaluated on the way equals one trained straight through) and evaluated "
+                  "at each stage on the same test images. PGD: accuracy of a and b (%), their paired difference "
+                  "a − b in percentage points with a 95% Newcombe interval, and the exact McNemar p. Loss "
+                  "sensitivity (lower is smoother): mean over images of a − b with a paired normal 95% "
+                  "interval; the paper has RLFAT below its baseline.", "", *learning_curve(plan)]
     lines += ["## Where the paper's prose and the official code differ (RLFAT-T, same budget)", "",
               "robench's defaults: `rbs_mode=\"batch\"` (one RBS draw per batch, as the official code; the "
               "prose reads as per image) and `attack_mode=\"eval\"` (x' made with BatchNorm in eval mode, as "
@@ -666,7 +808,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--workdir", type=Path, default=CACHE / "fidelity_cifar10-v3", help="robench workdirs (resumable)")
     p.add_argument("--out", type=Path, default=OUT, help="report folder")
     p.add_argument("--arch", default="wrn-10-1")
-    p.add_argument("--steps", type=int, default=250)
+    p.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 250; 2 with --smoke)")
+    p.add_argument("--eval-steps", default="",
+                   help="comma-separated step counts below --steps at which each run is also evaluated "
+                        "(e.g. 250,1000): it is trained to each in turn and resumed; the report adds a "
+                        "learning-curve table (default: only at --steps)")
     p.add_argument("--n-test", type=int, default=500)
     p.add_argument("--n-nattack", type=int, default=10)
     p.add_argument("--n-autoattack", type=int, default=20)
@@ -692,9 +838,17 @@ def main(argv: list[str] | None = None) -> int:
     folder = unpack(args.archive, args.cache, None if (args.no_sha_check or args.smoke) else ARCHIVE_SHA256)
     overrides: dict[str, dict] = {}
     if args.smoke:
-        args.arch, args.steps, args.workers = "tiny-cnn", 2, 1
+        args.arch, args.workers = "tiny-cnn", 1
+        args.steps = 2 if args.steps is None else args.steps
         overrides = {"nattack": {"population": 20, "iterations": 10},
                      "autoattack": {"version": "custom", "attacks": ("apgd-ce",)}}
+    args.steps = 250 if args.steps is None else args.steps
+    try:
+        eval_steps = sorted({int(s) for s in args.eval_steps.split(",") if s.strip()})
+    except ValueError:
+        raise SystemExit(f"error: --eval-steps {args.eval_steps!r} is not a comma-separated list of step counts")
+    if args.steps <= 0 or any(s <= 0 or s > args.steps for s in eval_steps):
+        raise SystemExit(f"error: --steps must be positive and every --eval-steps in 1..{args.steps}")
     import torch
 
     torch.set_num_threads(args.threads)
@@ -707,7 +861,8 @@ def main(argv: list[str] | None = None) -> int:
                 n_nattack=clip(args.n_nattack), n_autoattack=clip(args.n_autoattack),
                 n_large_eps=clip(args.n_large_eps), defenses=defenses(args.ablations),
                 variants=[] if args.no_variants else list(VARIANTS), overrides=overrides,
-                workers=args.workers, threads=args.threads, smoke=args.smoke)
+                workers=args.workers, threads=args.threads, smoke=args.smoke,
+                eval_steps=[s for s in eval_steps if s < args.steps])
     for k in ("n_test", "n_nattack", "n_autoattack", "n_large_eps"):
         if getattr(plan, k) < 0:
             raise SystemExit(f"error: --{k.replace('_', '-')} must be >= 0")
@@ -722,7 +877,8 @@ def main(argv: list[str] | None = None) -> int:
         timings["phases"][name] = timings["phases"].get(name, 0.0) + time.perf_counter() - t0
         timing_path.write_text(json.dumps(timings, indent=1))
 
-    log(f"plan: {plan.arch}, {plan.steps} steps, runs {plan.runs()}, n_test {plan.n_test}, "
+    staged = f" (evaluated at {plan.stages()})" if plan.eval_steps else ""
+    log(f"plan: {plan.arch}, {plan.steps} steps{staged}, runs {plan.runs()}, n_test {plan.n_test}, "
         f"nattack {plan.n_nattack}, autoattack {plan.n_autoattack}; workdir {plan.workdir}")
     phase("unpack + load data", t_start)
     t0 = time.perf_counter()

@@ -118,6 +118,50 @@ def test_smoke_run_writes_report(tmp_path, monkeypatch):
     assert (out / "report.md").read_text().startswith("# Fidelity benchmark")
 
 
+def test_smoke_run_with_eval_steps(tmp_path):
+    """--eval-steps: each run is trained to step 2, evaluated, resumed to step 4 and evaluated again;
+    each stage's weights are recorded, the report has a learning-curve row per pair and step, and a
+    second run does nothing new."""
+    import json
+
+    archive = tmp_path / "tiny.tar.gz"
+    _synthetic_archive(archive)
+    out, workdir = tmp_path / "out", tmp_path / "w"
+    args = ["--archive", str(archive), "--cache", str(tmp_path / "unpacked"), "--workdir", str(workdir),
+            "--out", str(out), "--smoke", "--steps", "4", "--eval-steps", "2", "--n-test", "12",
+            "--n-nattack", "2", "--n-autoattack", "2", "--n-large-eps", "4", "--no-variants"]
+    proc = _run(args, tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    stages = json.loads((workdir / "fidelity_stages.json").read_text())["main"]
+    assert set(stages) == {"standard", "pgdat", "trades", "rlfat-p", "rlfat-t"}
+    for defense, by_step in stages.items():
+        assert set(by_step) == {"2", "4"} and by_step["2"] != by_step["4"], defense
+    first = _stored(workdir)
+    assert set(first) == {"main"}
+    per_sha = {}
+    for r in first["main"]["results"]:
+        per_sha.setdefault(r[0], set()).add((r[1], r[2], r[3], r[4]))
+    for by_step in stages.values():  # every stage evaluated in full
+        assert per_sha[by_step["2"]] == per_sha[by_step["4"]]
+        assert ("attack", "pgd", "0:12") in {(k, n, e) for k, n, _, e in per_sha[by_step["2"]]}
+        assert sum(k == "sensitivity" for k, _, _, _ in per_sha[by_step["2"]]) == 4
+    report = (out / "report.md").read_text()
+    assert "### Learning curve" in report
+    curve = report.split("### Learning curve", 1)[1].split("\n## ", 1)[0]
+    for a, b in (("rlfat-p", "pgdat"), ("rlfat-t", "trades"), ("trades", "pgdat")):
+        for step in (2, 4):
+            line = next(x for x in curve.splitlines() if x.startswith(f"| {a} vs {b} | {step} |"))
+            assert "—" not in line, line  # PGD and every sensitivity point found for both stages
+
+    proc = _run(args, tmp_path, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
+    assert _stored(workdir) == first
+    assert json.loads((workdir / "fidelity_stages.json").read_text())["main"] == stages
+    summary = [line for line in proc.stdout.splitlines() if "tasks: " in line]
+    assert len(summary) == 1 and "tasks: 0 of " in summary[0], proc.stdout[-2000:]
+    assert "### Learning curve" in (out / "report.md").read_text()
+
+
 def test_test_order_is_class_balanced():
     """The benchmark's test order (robench.data.balanced_order): every prefix of 10m indices holds
     m of each class, fixed per seed."""
