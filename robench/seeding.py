@@ -5,11 +5,10 @@ not depend on which other examples shared its batch: any ``--batch-size``, any r
 any torchrun world size give the same per-example result. Two ways to get them:
 
 - ``generators(seed, index)``: one ``torch.Generator`` per example, for attacks that draw many
-  times per example (the N-attack's population noise); building one costs ~10-25 us.
+  times per example (the N-attack's population noise).
 - ``uniform(seed, index, shape, stream)``: a counter-based draw, vectorised over the batch with
-  no per-example Python work (PGD's random start: 0.15 ms for a batch of 256 digits, where
-  generators cost 6 ms; 4 ms for 256 CIFAR images). Value ``j`` of example ``i`` is
-  a 32-bit integer hash of (seed, stream, i, j), computed in numpy's wrapping uint32 arithmetic,
+  no per-example Python work (PGD's random start, drawn for every batch). Value ``j`` of example
+  ``i`` is a 32-bit integer hash of (seed, stream, i, j), computed in numpy's wrapping uint32 arithmetic,
   so the numbers are the same on every device and CPU. The hash is the "lowbias32" mixer (Chris
   Wellons' hash-prospector), applied twice.
 """

@@ -29,14 +29,6 @@ from robench.targets import model_identity, target_from_file
 CIFAR = ((0.4914, 0.4822, 0.4465), (0.2471, 0.2435, 0.2616))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def synthetic(c: int = 3, hw: int = 16, classes: int = 10) -> Splits:
     g = torch.Generator().manual_seed(0)
     x = torch.rand(4, c, hw, hw, generator=g)
