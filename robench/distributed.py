@@ -66,6 +66,13 @@ def device_for(name: str, d: Dist) -> str:
     return name
 
 
-def shutdown() -> None:
+def shutdown(together: bool = True) -> None:
+    """Leave the process group. ``together`` (after a normal end): wait for every rank first, as a
+    rank that tears gloo down while its peer still talks to it can abort the peer ("terminate
+    called without an active exception"). After an error a peer may never arrive: no wait."""
     if dist.is_initialized():
-        dist.destroy_process_group()
+        try:
+            if together:
+                dist.barrier()
+        finally:
+            dist.destroy_process_group()

@@ -116,8 +116,10 @@ def distributed(device: str):
     d = from_env()
     try:
         yield d, device_for(device, d)
-    finally:
-        shutdown()
+    except BaseException:
+        shutdown(together=False)
+        raise
+    shutdown()
 
 
 def parse_overrides(values: tuple[str, ...], kind: str = "ATTACK",
