@@ -37,6 +37,9 @@ L2_SOURCES = {
 }
 
 
+# The embedded dataset: what `robench train` uses and which zoo checkpoint a bare defense name means.
+DEFAULT_DATASET = "digits"
+
 DATASET_DEFAULTS: dict[str, DatasetDefaults] = {
     "cifar10": DatasetDefaults(
         0.03, 0.0075, 10, 79_800, 32, "wrn-32-10", 1e-3, True,

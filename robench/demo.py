@@ -11,6 +11,7 @@ from __future__ import annotations
 from itertools import groupby
 from pathlib import Path
 
+from robench.config import DEFAULT_DATASET
 from robench.evaluate import run_eval
 from robench.registry import ATTACKS, DEFENSES
 from robench.report import write_report
@@ -20,7 +21,7 @@ from robench.sensitivity import run_sensitivity
 from robench.train import TrainConfig, train
 from robench.workdir import runs_dir
 
-DATASET = "digits"
+DATASET = DEFAULT_DATASET
 # The radii of the accuracy-vs-eps curve and the large-eps gradient-masking check.
 EPS_CURVE = [0.05, 0.1, 0.15, 0.2, 0.3, 0.5]
 

@@ -263,7 +263,7 @@ def run_eval(
                 target = target_from_file(checkpoint_path, arch or DATASET_DEFAULTS[ds].arch, ds, splits, mean, std)
                 used.append(f"{target.label}: file {checkpoint_path}")
             else:
-                target = source.load()
+                target = source.load(splits)
                 used.append(f"{target.label}: {source.describe()}")
             model = runtime.maybe_compile(runtime.prepare(target.model))
             target = dataclasses.replace(target, model=model)

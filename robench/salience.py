@@ -173,7 +173,7 @@ def run_salience(defenses: list[str], workdir: Path, runtime: Runtime, dataset: 
     x, y = splits.x_test[idx], splits.y_test[idx]
     maps = {}
     for source in sources:
-        target = source.load()
+        target = source.load(splits)
         model = runtime.prepare(target.model).eval()
         maps[target.label] = smoothgrad(model, runtime.batch(x), y.to(runtime.device), n_samples=n_samples,
                                         stdev=stdev, seed=seed).cpu()

@@ -216,7 +216,7 @@ def run_sensitivity(defenses: list[str], workdir: Path, runtime: Runtime, datase
             ds = source.dataset
             data = splits if splits is not None and splits.name == ds else load_dataset(ds, data_dir)
             count = _check_n(n, len(data.x_test), ds)
-            target = source.load()
+            target = source.load(data)
             model = runtime.prepare(target.model).eval()
             x, y = runtime.batch(data.x_test[:count]), data.y_test[:count].to(runtime.device)
             examples = Examples("test", 0, count, split_digest(data.x_test, data.y_test))

@@ -229,14 +229,32 @@ class Source:
     run_dir: Path | None = None
     entry: Any = None  # robench.zoo.Entry
 
-    def load(self) -> Target:
-        return target_from_run(self.run_dir) if self.entry is None else target_from_zoo(self.entry)
+    def load(self, splits: Splits) -> Target:
+        """The checkpoint, once it is known to fit ``splits``: a model trained on one folder of
+        images is refused on a folder with other classes or another image size."""
+        target = target_from_run(self.run_dir) if self.entry is None else target_from_zoo(self.entry)
+        check_fits(target.meta, splits, self.describe())
+        return target
 
     def describe(self) -> str:
         if self.entry is None:
             return f"run {self.run_dir}"
         e = self.entry
         return f"zoo checkpoint {e.name} ({'shipped' if e.shipped else 'cached'}, sha256 {e.sha256[:12]})"
+
+
+def check_fits(meta: dict[str, Any], splits: Splits, what: str) -> None:
+    """A UserError unless the data has the classes, channels and image size ``meta`` was trained on."""
+    classes = list(meta.get("classes") or [])
+    if classes and classes != list(splits.classes):
+        shown = lambda c: ", ".join(c[:5]) + (", ..." if len(c) > 5 else "")  # noqa: E731
+        raise UserError(f"{what} was trained on {len(classes)} classes ({shown(classes)}), but the {splits.name} "
+                        f"data has {len(splits.classes)} ({shown(list(splits.classes))})")
+    shape = (meta.get("in_channels"), *(meta.get("image_size") or (None, None)))
+    if any(want is not None and int(want) != got for want, got in zip(shape, splits.image_shape)):
+        found = "x".join(str(v) for v in splits.image_shape)
+        raise UserError(f"{what} was trained on {'x'.join(str(v) for v in shape)} images, but the "
+                        f"{splits.name} data has {found}")
 
 
 def target_from_zoo(entry: Any) -> Target:

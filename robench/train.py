@@ -27,7 +27,7 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from robench import atomic, checkpoint
-from robench.config import DATASET_DEFAULTS
+from robench.config import DATASET_DEFAULTS, DEFAULT_DATASET
 from robench.data import Splits, load_dataset
 from robench.defense import Defense, RandomBlockShuffle, make_defense, param_names
 from robench.distributed import Dist
@@ -49,7 +49,7 @@ class TrainConfig:
     unset one at the defense's default or, for the threat model, the dataset's."""
 
     defense: str
-    dataset: str = "digits"
+    dataset: str = DEFAULT_DATASET
     arch: str | None = None
     steps: int | None = None
     batch_size: int | None = None

@@ -1,6 +1,7 @@
 """Bad input: every mistake is one ``error: ...`` line on stderr, a non-zero exit, no traceback,
 and no partial files (no new run, no ``*.tmp`` file, no new result row)."""
 
+import json
 import os
 import re
 import shutil
@@ -103,6 +104,14 @@ def _flip_weights(c):
 def _garbage_meta(c, text="{not json", cmd=("eval", "--defense", "pgdat", *EVAL, "--seed", "1")):
     (c.run / checkpoint.META).write_text(text)
     return [*cmd, "--workdir", c.wd]
+
+
+def _meta_says(c, **fields):
+    """The run's record claims other training data (as a run on another image folder would)."""
+    meta = c.meta()
+    meta.update(fields)
+    (c.run / checkpoint.META).write_text(json.dumps(meta))
+    return ["eval", "--defense", "pgdat", *EVAL, "--seed", "1", "--workdir", c.wd]
 
 
 def _db(c, data: bytes):
@@ -249,6 +258,10 @@ CASES = [
      "invalid JSON"),
     ("run-meta-missing-fields", lambda c: _garbage_meta(c, '{"format": "robench-checkpoint/1"}'),
      "incomplete robench checkpoint record"),
+    ("run-other-classes", lambda c: _meta_says(c, classes=list("abcdefghij")),
+     r"pgdat-digits-s0 was trained on 10 classes \(a, b, c, d, e, \.\.\.\), but the digits data has 10 \(0, 1, 2"),
+    ("run-other-size", lambda c: _meta_says(c, image_size=[32, 32]),
+     "was trained on 1x32x32 images, but the digits data has 1x8x8"),
     ("run-weights-missing", lambda c: (c.run / c.meta()["files"]["weights"]["name"]).unlink()
      or ["eval", "--defense", "pgdat", *EVAL, "--seed", "1", "--workdir", c.wd], "is missing"),
     ("db-not-sqlite", lambda c: _db(c, b"these are not the results you are looking for\n" * 50), "not SQLite"),

@@ -158,6 +158,23 @@ def test_manifest_round_trip(tmp_path, weights):
     assert zoo.entries() == []  # the shipped manifest is empty, and valid
 
 
+def test_find_prefers_the_dataset_then_shipped(tmp_path, weights):
+    """A bare defense name means the embedded dataset's checkpoint, whatever the manifest's order;
+    among a dataset's entries a shipped one comes first."""
+    folder = make_entry(weights, name="pgdat-folder", dataset="folder", shipped=True)
+    remote = make_entry(weights, ["https://example.org/w.safetensors"], name="pgdat-remote")
+    shipped = make_entry(weights, name="pgdat-digits", shipped=True)
+    path = tmp_path / "m.json"
+    zoo.write_manifest(path, [folder, remote, shipped])
+    assert zoo.find("pgdat", None, [path]).name == "pgdat-digits"
+    assert zoo.find("pgdat", "digits", [path]).name == "pgdat-digits"
+    assert zoo.find("pgdat", "folder", [path]).name == "pgdat-folder"
+    zoo.write_manifest(path, [folder, remote])
+    assert zoo.find("pgdat", None, [path]).name == "pgdat-remote"
+    zoo.write_manifest(path, [folder])
+    assert zoo.find("pgdat", None, [path]).name == "pgdat-folder"
+
+
 @pytest.mark.parametrize("change,expect", [
     (lambda d: "{", "is not valid JSON"),
     (lambda d: {"format": 2, "entries": []}, "has format 2"),

@@ -8,6 +8,7 @@ import click
 
 from robench.cli.options import (check_data_dir, command, device_options, distributed, parse_overrides,
                                  path_option, set_option, workdir_option)
+from robench.config import DEFAULT_DATASET
 from robench.errors import UserError
 
 # Flags for defense settings, as the README documents them: each sets what
@@ -64,7 +65,7 @@ def defense_options(defense: str, options: tuple[str, ...], shortcuts: dict[str,
 
 @command()
 @click.argument("defense")
-@click.option("--dataset", default="digits", show_default=True, help="See `robench list`.")
+@click.option("--dataset", default=DEFAULT_DATASET, show_default=True, help="See `robench list`.")
 @path_option("--data-dir", default=None,
              help="Where the dataset lives or downloads to [default: $ROBENCH_DATA or ~/.cache/robench/data].")
 @click.option("--arch", default=None, help="Model architecture [default: the dataset's].")

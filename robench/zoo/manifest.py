@@ -199,6 +199,10 @@ def get(name: str, manifests: Sequence[Path] = ()) -> Entry:
 
 
 def find(defense: str, dataset: str | None = None, manifests: Sequence[Path] = ()) -> Entry | None:
-    """The entry of ``defense`` (on ``dataset``): a shipped one first, else the first listed."""
+    """The entry of ``defense`` on ``dataset`` (none given: preferably on the embedded default
+    dataset): a shipped one first, else the first listed."""
+    from robench.config import DEFAULT_DATASET
+
     matches = [e for e in entries(manifests) if e.defense == defense and dataset in (None, e.dataset)]
-    return next((e for e in matches if e.shipped), matches[0] if matches else None)
+    matches.sort(key=lambda e: (e.dataset != (dataset or DEFAULT_DATASET), not e.shipped))  # stable
+    return matches[0] if matches else None
