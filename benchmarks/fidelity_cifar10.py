@@ -414,20 +414,55 @@ def _describe(result: dict) -> str:
 
 def _rows(workdir: Path) -> tuple[dict, dict]:
     """(defense -> {column: Row}, defense -> meta) for the newest finished run of each defense."""
-    from robench.report import load_workdir, sensitivity_at, table1_rows
-    from robench.sensitivity import PAPER_POINTS
+    from robench.report import load_workdir, table1_rows
 
     wd = load_workdir(workdir)
     out, metas = {}, {}
     for (ds, defense), run in wd.runs.items():
-        cols = dict(table1_rows(wd, ds, defense))
-        for t, values in PAPER_POINTS.items():
-            for v in values:
-                row = sensitivity_at(wd.results(ds, defense), t, v)
-                if row is not None:
-                    cols[f"{t} {v:g}"] = row
-        out[defense], metas[defense] = cols, run.meta
+        out[defense] = {**table1_rows(wd, ds, defense), **_sensitivity_columns(wd.results(ds, defense))}
+        metas[defense] = run.meta
     return out, metas
+
+
+def _sensitivity_columns(rows: list) -> dict:
+    """{"brightness 0.3": Row, ...}: the loss-sensitivity rows at the paper's points."""
+    from robench.report import sensitivity_at
+    from robench.sensitivity import PAPER_POINTS
+
+    found = {f"{t} {v:g}": sensitivity_at(rows, t, v) for t, values in PAPER_POINTS.items() for v in values}
+    return {k: row for k, row in found.items() if row is not None}
+
+
+def _stage_columns(plan: Plan) -> dict[int, dict[str, dict]]:
+    """step -> defense -> {column: Row} for every evaluated stage of the main runs: the Table 1
+    columns and the sensitivity points, found by the weights' sha256 recorded for that stage."""
+    from robench.report import load_workdir
+    from robench.report.queries import attack_row, default_eps
+    from robench.store import Store
+
+    main_wd = plan.workdir_of(None)
+    recorded = read_stages(plan).get(main_wd.name, {})
+    wd = load_workdir(main_wd)
+    if not wd.has_db:
+        return {}
+    digest = wd.digests.get("folder")
+    with Store.in_workdir(main_wd) as store:
+        by_sha: dict[str, list] = {}
+        for row in store.rows():
+            if row.key.dataset == "folder" and row.key.data == digest:
+                by_sha.setdefault(row.key.checkpoint, []).append(row)
+    run = next((r for (ds, _), r in wd.runs.items() if ds == "folder"), None)
+    eps = default_eps(run) if run is not None else None
+    out: dict[int, dict[str, dict]] = {}
+    for defense, steps in recorded.items():
+        for step, sha in steps.items():
+            if int(step) not in plan.stages():
+                continue
+            rows = by_sha.get(sha, [])
+            cols = {c: attack_row(rows, c, eps) for c in (*PAPER_COLUMNS, "autoattack")}
+            out.setdefault(int(step), {})[defense] = {**{c: r for c, r in cols.items() if r is not None},
+                                                      **_sensitivity_columns(rows)}
+    return dict(sorted(out.items()))
 
 
 def paired_diff(a, b) -> tuple[float, float, float, int]:
@@ -548,53 +583,57 @@ def learning_curve(plan: Plan) -> list[str]:
     and in loss sensitivity (mean of the per-image differences, paired 95% interval). Each step's rows
     are found by the weights' sha256 the benchmark recorded for it (``STAGES``)."""
     from robench.compare import p_text, paired_rows
-    from robench.report import load_workdir, md_table, sensitivity_at
-    from robench.report.queries import attack_row, default_eps
+    from robench.report import md_table
     from robench.sensitivity import PAPER_POINTS
-    from robench.store import Store
 
-    main_wd = plan.workdir_of(None)
-    recorded = read_stages(plan).get(main_wd.name, {})
-    wd = load_workdir(main_wd)
-    if not wd.has_db:
-        return ["No results yet.", ""]
-    digest = wd.digests.get("folder")
-    with Store.in_workdir(main_wd) as store:
-        by_sha: dict[str, list] = {}
-        for row in store.rows():
-            if row.key.dataset == "folder" and row.key.data == digest:
-                by_sha.setdefault(row.key.checkpoint, []).append(row)
-    run = next((r for (ds, _), r in wd.runs.items() if ds == "folder"), None)
-    eps = default_eps(run) if run is not None else None
-    points = [(t, v) for t, values in PAPER_POINTS.items() for v in values]
+    stages = _stage_columns(plan)
+    points = [f"{t} {v:g}" for t, values in PAPER_POINTS.items() for v in values]
     head = ["pair (a vs b)", "step", "PGD a", "PGD b", "Δ PGD a − b [95%]", "McNemar p",
-            *(f"Δ l {t} {v:g} [95%]" for t, v in points)]
+            *(f"Δ l {p} [95%]" for p in points)]
     body = []
     for a, b in CURVE_PAIRS:
-        steps = sorted(set(recorded.get(a, {})) & set(recorded.get(b, {})), key=int)
-        for step in steps:
-            if int(step) not in plan.stages():
+        for step, cols in stages.items():
+            if a not in cols or b not in cols:
                 continue
-            rows_a, rows_b = by_sha.get(recorded[a][step], []), by_sha.get(recorded[b][step], [])
-            pgd_a, pgd_b = attack_row(rows_a, "pgd", eps), attack_row(rows_b, "pgd", eps)
-            stats = paired_rows(pgd_a, pgd_b) if pgd_a is not None and pgd_b is not None else None
+            ca, cb = cols[a], cols[b]
+            stats = paired_rows(ca["pgd"], cb["pgd"]) if "pgd" in ca and "pgd" in cb else None
             if stats is None:
                 cells = ["—"] * 4
             else:
                 cells = [f"{100 * stats.acc_a:.1f}", f"{100 * stats.acc_b:.1f}",
                          f"{100 * stats.diff:+.1f} [{100 * stats.ci[0]:+.1f}, {100 * stats.ci[1]:+.1f}] "
                          f"(n={stats.n})", p_text(stats.p)]
-            for t, v in points:
-                sa, sb = sensitivity_at(rows_a, t, v), sensitivity_at(rows_b, t, v)
-                if sa is None or sb is None:
+            for p in points:
+                if p not in ca or p not in cb:
                     cells.append("—")
                     continue
-                m, lo, hi, n = paired_diff(sa, sb)
+                m, lo, hi, n = paired_diff(ca[p], cb[p])
                 cells.append("—" if not n else f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]")
             body.append([f"{a} vs {b}", step, *cells])
     if not body:
         return ["No evaluated steps recorded yet.", ""]
     return md_table(head, body)
+
+
+def orderings_by_step(plan: Plan) -> list[str]:
+    """At each evaluated step: how many of the paper's pairwise orderings (its four defenses) agree
+    in sign, per table, and each defense's clean and PGD accuracy, so one sees whether the ordering
+    moves toward the paper's as training proceeds."""
+    from robench.report import md_table
+
+    stages = {step: cols for step, cols in _stage_columns(plan).items() if all(d in cols for d in PAPER4)}
+    shown = [d for d in ["standard", *PAPER4] if all(d in cols for cols in stages.values())]
+    body = []
+    for step, cols in stages.items():
+        _, tally = agreement(cols)
+        t1, t2 = tally["t1"], tally["t2"]
+        acc = [f"{100 * cols[d]['clean'].value:.1f} / {100 * cols[d]['pgd'].value:.1f}"
+               if "clean" in cols[d] and "pgd" in cols[d] else "—" for d in shown]
+        body.append([step, f"{t1[0]} of {t1[2]} ({t1[1]} sig.)", f"{t2[0]} of {t2[2]} ({t2[1]} sig.)", *acc])
+    if not body:
+        return ["No evaluated steps recorded yet.", ""]
+    return md_table(["step", "Table 1 orderings agree", "Table 2 orderings agree",
+                     *(f"{d} clean / PGD %" for d in shown)], body)
 
 
 def header(plan: Plan, timings: dict) -> list[str]:
@@ -640,7 +679,11 @@ def header(plan: Plan, timings: dict) -> list[str]:
                   "at each stage on the same test images. PGD: accuracy of a and b (%), their paired difference "
                   "a − b in percentage points with a 95% Newcombe interval, and the exact McNemar p. Loss "
                   "sensitivity (lower is smoother): mean over images of a − b with a paired normal 95% "
-                  "interval; the paper has RLFAT below its baseline.", "", *learning_curve(plan)]
+                  "interval; the paper has RLFAT below its baseline.", "", *learning_curve(plan),
+                  "How the orderings of the paper's four defenses move: at each step, how many pairwise "
+                  "orderings agree in sign with the paper's Table 1 (accuracy) and Table 2 (loss sensitivity), "
+                  "how many of those our paired 95% interval resolves, and each model's clean / PGD accuracy.",
+                  "", *orderings_by_step(plan)]
     lines += ["## Where the paper's prose and the official code differ (RLFAT-T, same budget)", "",
               "robench's defaults: `rbs_mode=\"batch\"` (one RBS draw per batch, as the official code; the "
               "prose reads as per image) and `attack_mode=\"eval\"` (x' made with BatchNorm in eval mode, as "

@@ -6,6 +6,7 @@ trains and measures nothing."""
 from __future__ import annotations
 
 import os
+import re
 import sqlite3
 import subprocess
 import sys
@@ -152,6 +153,13 @@ def test_smoke_run_with_eval_steps(tmp_path):
         for step in (2, 4):
             line = next(x for x in curve.splitlines() if x.startswith(f"| {a} vs {b} | {step} |"))
             assert "—" not in line, line  # PGD and every sensitivity point found for both stages
+    # the orderings table: per step, Table 1's 24 and Table 2's 24 orderings scored (at most; paper
+    # ties are not), and every model's clean / PGD accuracy
+    for step in (2, 4):
+        line = next(x for x in curve.splitlines() if x.startswith(f"| {step} | "))
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        assert re.fullmatch(r"\d+ of \d+ \(\d+ sig\.\)", cells[1]) and re.fullmatch(r"\d+ of 24 \(\d+ sig\.\)", cells[2])
+        assert len(cells) == 3 + 5 and all(re.fullmatch(r"\d+\.\d / \d+\.\d", c) for c in cells[3:]), line
 
     proc = _run(args, tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]

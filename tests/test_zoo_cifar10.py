@@ -1,0 +1,72 @@
+"""The zoo's CIFAR-10 (JPEG copy) checkpoints, trained by benchmarks/fidelity_cifar10.py: the five
+paper defenses are shipped, verified and carry their results, and re-evaluating them on the
+examples their entries record (the class-balanced test order of the JPEG copy) lands inside the
+recorded 95% intervals. The re-evaluation needs ../shared/data and is skipped without it."""
+
+from __future__ import annotations
+
+import tarfile
+from pathlib import Path
+
+import pytest
+
+from robench import zoo
+from robench.attack import make_attack
+from robench.data import balanced_test, load_dataset
+from robench.evaluate import CLEAN, evaluate
+from robench.runtime import Runtime
+from robench.store import Store, split_digest
+from robench.targets import target_from_zoo
+
+ARCHIVE = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10-jpeg.tar.gz"
+PAPER = ["standard", "pgdat", "trades", "rlfat-p", "rlfat-t"]
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def _entry(defense: str) -> zoo.Entry:
+    entry = zoo.find(defense, "folder")
+    assert entry is not None and entry.shipped, f"no shipped {defense} checkpoint for the CIFAR-10 JPEG copy"
+    return entry
+
+
+@pytest.mark.parametrize("defense", PAPER)
+def test_the_paper_defenses_ship_cifar10_jpeg_checkpoints(defense):
+    entry = _entry(defense)
+    assert zoo.verify(entry) == "ok"
+    assert entry.arch == "wrn-10-1" and entry.classes == CLASSES and entry.image_size == [32, 32]
+    assert {"clean", "pgd", "cw", "nattack", "autoattack"} <= set(entry.results)
+    assert entry.results["pgd"]["n"] >= 1000 and entry.results["autoattack"]["n"] >= 200
+    # identical settings for all: only the objective differs
+    settings = {k: v for k, v in entry.config.items() if k not in ("defense", "options")}
+    assert settings == {k: v for k, v in _entry("pgdat").config.items() if k not in ("defense", "options")}
+
+
+@pytest.fixture(scope="module")
+def cifar(tmp_path_factory):
+    if not ARCHIVE.is_file():
+        pytest.skip(f"no CIFAR-10 JPEG archive at {ARCHIVE}")
+    root = tmp_path_factory.mktemp("cifar10-jpeg")
+    with tarfile.open(ARCHIVE) as tar:
+        tar.extractall(root, filter="data")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("ROBENCH_CACHE", str(root / "cache"))
+        return balanced_test(load_dataset("folder", root), seed=0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("defense,attack", [(d, CLEAN) for d in PAPER] + [("rlfat-t", "pgd")])
+def test_the_recorded_results_reproduce(defense, attack, cifar, tmp_path):
+    """Same examples (the recorded split digest), same model, same attack parameters: the value
+    lands inside the recorded interval (another CPU's rounding may flip a borderline image)."""
+    entry = _entry(defense)
+    recorded = entry.results[attack]
+    digest = split_digest(cifar.x_test, cifar.y_test)
+    assert recorded["data"] == digest and recorded["examples"] == f"0:{recorded['n']}"
+    runner = None if attack == CLEAN else make_attack(attack, "folder")
+    if runner is not None:
+        assert runner.params() == recorded["params"]
+    with Store(tmp_path / "results.sqlite") as store:
+        row = evaluate(target_from_zoo(entry), cifar, attack, runner, recorded["n"], store, Runtime.create("cpu"),
+                       progress=False, data=digest)
+    lo, hi = recorded["ci95"]
+    assert lo <= row.value <= hi, (row.value, (lo, hi))
