@@ -868,6 +868,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                    help="a seconds-long run on tiny data (tests): tiny-cnn, 2 steps, weak attacks")
     p.add_argument("--measure", action="store_true", help="time a few steps of each run and the attacks; exit")
     p.add_argument("--no-sha-check", action="store_true", help="accept an archive with another sha256")
+    p.add_argument("--publish", type=Path, default=None, metavar="MANIFEST",
+                   help="after the report, ship the final checkpoints of the main runs into this zoo manifest as "
+                        "DEFENSE-cifar10-jpeg (DEFENSE-smoke with --smoke) with their results; robench's own: "
+                        "robench/zoo/manifest.json")
     return p.parse_args(argv)
 
 
@@ -948,7 +952,30 @@ def main(argv: list[str] | None = None) -> int:
     path.write_text("\n".join(header(plan, timings)) + "\n" + body)
     total = sum(timings["phases"].values())
     log(f"wrote {path} (total {total:.0f} s over all invocations)")
+    if args.publish is not None:
+        publish(plan, args.publish, " ".join(sys.argv[1:] if argv is None else argv))
     return 0
+
+
+def publish(plan: Plan, manifest: Path, command: str) -> None:
+    """``robench zoo add RUN --ship`` for each main run's final checkpoint: the entry carries its
+    settings, its sha256 and the results stored for it (on the class-balanced test order)."""
+    from robench.cli import cli
+
+    tag = "smoke" if plan.smoke else "cifar10-jpeg"
+    notes = (f"Trained and evaluated by benchmarks/fidelity_cifar10.py {command} on the CIFAR-10 JPEG copy "
+             f"(cifar10-jpeg.tar.gz, sha256 {ARCHIVE_SHA256[:12]}...; accuracies on it are not CIFAR-10 numbers). "
+             f"Results are on its test split in the class-balanced order of robench.data.balanced_test (seed "
+             f"{plan.seed}), so `robench eval --dataset folder`, which keeps the loader's order, measures other "
+             "images.")
+    for defense in plan.defenses:
+        try:  # the CLI's own command, with its one-line errors; it ends with sys.exit
+            cli.main(["zoo", "add", defense, "--dataset", "folder", "--workdir", str(plan.workdir_of(None)),
+                      "--ship", "--manifest", str(manifest.resolve()), "--name", f"{defense}-{tag}", "--notes", notes],
+                     prog_name="robench")
+        except SystemExit as e:
+            if e.code:
+                raise
 
 
 if __name__ == "__main__":

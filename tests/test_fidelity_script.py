@@ -130,7 +130,8 @@ def test_smoke_run_with_eval_steps(tmp_path):
     out, workdir = tmp_path / "out", tmp_path / "w"
     args = ["--archive", str(archive), "--cache", str(tmp_path / "unpacked"), "--workdir", str(workdir),
             "--out", str(out), "--smoke", "--steps", "4", "--eval-steps", "2", "--n-test", "12",
-            "--n-nattack", "2", "--n-autoattack", "2", "--n-large-eps", "4", "--no-variants"]
+            "--n-nattack", "2", "--n-autoattack", "2", "--n-large-eps", "4", "--no-variants",
+            "--publish", str(tmp_path / "zoo" / "manifest.json")]
     proc = _run(args, tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
     stages = json.loads((workdir / "fidelity_stages.json").read_text())["main"]
@@ -160,6 +161,20 @@ def test_smoke_run_with_eval_steps(tmp_path):
         cells = [c.strip() for c in line.strip("|").split("|")]
         assert re.fullmatch(r"\d+ of \d+ \(\d+ sig\.\)", cells[1]) and re.fullmatch(r"\d+ of 24 \(\d+ sig\.\)", cells[2])
         assert len(cells) == 3 + 5 and all(re.fullmatch(r"\d+\.\d / \d+\.\d", c) for c in cells[3:]), line
+
+    # --publish: each final checkpoint shipped into the manifest with its results
+    from robench import zoo
+
+    entries = {e.name: e for e in zoo.read_manifest(tmp_path / "zoo" / "manifest.json")}
+    assert set(entries) == {f"{d}-smoke" for d in stages}
+    for defense, by_step in stages.items():
+        e = entries[f"{defense}-smoke"]
+        assert e.shipped and e.sha256 == by_step["4"] and e.dataset == "folder" and e.config["steps"] == 4
+        assert zoo.verify(e) == "ok"
+        assert {"clean", "pgd", "cw"} <= set(e.results) and e.results["pgd"]["n"] == 12
+        # smoke mode's shortened N-attack and AutoAttack are not at the default parameters: not published
+        assert not {"nattack", "autoattack"} & set(e.results)
+        assert "fidelity_cifar10.py" in e.notes
 
     proc = _run(args, tmp_path, timeout=240)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-4000:]
