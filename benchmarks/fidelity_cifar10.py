@@ -53,12 +53,13 @@ from pathlib import Path
 import numpy as np
 
 from robench import paper
+from robench.data import cache_dir
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 ARCHIVE = SHARED_DATA / "cifar10-jpeg.tar.gz"
 ARCHIVE_SHA256 = "5bc4d888f681f498e093f43ba996369b16bd30a693bc04938d8758882b51077e"
-CACHE = Path.home() / ".cache" / "robench"
+CACHE = cache_dir()  # $ROBENCH_CACHE, else ~/.cache/robench, as robench's own caches
 OUT = REPO / "benchmarks" / "results" / "fidelity_cifar10"
 MARKER = ".robench-unpacked"
 TIMINGS = "fidelity_timings.json"
@@ -846,9 +847,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--archive", type=Path, default=ARCHIVE, help="the CIFAR-10 JPEG archive (default: %(default)s)")
-    p.add_argument("--cache", type=Path, default=CACHE / "cifar10-jpeg", help="where to unpack it")
+    p.add_argument("--cache", type=Path, default=CACHE / "cifar10-jpeg", help="where to unpack it (default: %(default)s)")
     # v3: results keyed by their examples (robench's results schema 2); a v2 workdir's database is refused.
-    p.add_argument("--workdir", type=Path, default=CACHE / "fidelity_cifar10-v3", help="robench workdirs (resumable)")
+    p.add_argument("--workdir", type=Path, default=CACHE / "fidelity_cifar10-v3", help="robench workdirs, resumable (default: %(default)s)")
     p.add_argument("--out", type=Path, default=OUT, help="report folder")
     p.add_argument("--arch", default="wrn-10-1")
     p.add_argument("--steps", type=int, default=None, help="optimiser steps per run (default 250; 2 with --smoke)")
