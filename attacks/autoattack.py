@@ -56,7 +56,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from robench.attack import Attack
+from robench.attack import Attack, ContiguousInput
 from robench.errors import UserError
 from robench.threat import L2Ball, LinfBall
 from robench.registry import ATTACKS
@@ -171,12 +171,12 @@ class AutoAttack(Attack):
 
         if len(x) == 0:
             return x.clone()
-        x = x.detach()
+        x = x.detach().contiguous()  # the reference reshapes with .view
         y = y.detach().to(x.device)
         with torch.no_grad():
             n_classes = model(x[:1]).shape[-1]
         ref = Reference(
-            model, eps=self.eps, norm=_REFERENCE_NORM[self.norm], version=self.version, device=x.device,
+            ContiguousInput(model), eps=self.eps, norm=_REFERENCE_NORM[self.norm], version=self.version, device=x.device,
             seed=seed, attacks=list(self.attacks) if self.version == "custom" else None,
         )
         to_run = ref.attacks_to_run or []

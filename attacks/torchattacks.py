@@ -52,7 +52,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from robench.attack import Attack
+from robench.attack import Attack, ContiguousInput
 from robench.errors import UserError
 from robench.registry import ATTACKS
 from robench.seeding import mix
@@ -282,13 +282,14 @@ class TorchAttack(Attack):
         if n_classes < self.min_classes():
             raise UserError(f"{self.name} needs at least {self.min_classes()} classes (its DLR loss), "
                             f"the model has {n_classes}")
-        net, x_in = model, x
+        x = x.contiguous()  # torchattacks reshapes inputs and their gradients with .view
+        net, x_in = ContiguousInput(model), x
         if self.spec.rgb:
             c = x.shape[1]
             if c > 3:
                 raise UserError(f"{self.name} works on images of at most 3 channels (torchattacks fixes 3), got {c}")
             if c < 3:
-                net, x_in = _FirstChannels(model, c), torch.cat([x, x.new_zeros(len(x), 3 - c, *x.shape[2:])], 1)
+                net, x_in = _FirstChannels(net, c), torch.cat([x, x.new_zeros(len(x), 3 - c, *x.shape[2:])], 1)
         devices = [x.device] if x.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), _quiet(), _parameter_grads_kept(model):
             torch.manual_seed(seed)

@@ -101,6 +101,30 @@ class Attack:
         raise NotImplementedError
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return grad.contiguous()
+
+
+class ContiguousInput(nn.Module):
+    """``model`` as third-party attack code (AutoAttack, torchattacks) expects it: that code
+    flattens input gradients with ``.view``, which fails on the channels_last gradients a
+    channels_last model (robench's runtime default) hands back. Here the gradient with respect to
+    the input is contiguous; the model itself runs as prepared."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(_ContiguousGrad.apply(x))
+
+
 class ThreatModelError(RuntimeError):
     """An attack returned examples outside its threat model."""
 

@@ -2,6 +2,7 @@
 evaluation was interrupted and resumed, and the attack's seed is honoured. (The torchrun world
 size is covered in test_distributed.py.)"""
 
+import copy
 import shutil
 import sqlite3
 
@@ -12,6 +13,7 @@ import torch
 from robench.errors import UserError
 from robench.attack import make_attack
 from robench.evaluate import run_eval, todo_ranges
+from robench.models import build_model
 from robench.registry import ATTACKS
 from robench.store import Store
 from robench.runtime import Runtime
@@ -142,3 +144,26 @@ def test_counter_based_uniform_is_per_example_and_uniform():
     flat = u.reshape(512, -1) - 0.5
     assert abs(float((flat[:-1] * flat[1:]).mean())) < 0.002
     assert abs(float((flat[:, :-1] * flat[:, 1:]).mean())) < 0.002
+
+
+@pytest.mark.parametrize("name,overrides", [
+    ("autoattack", {"version": "custom", "attacks": ("apgd-ce", "apgd-t", "fab-t"), "group": 16}),
+    ("ta.fab", {}),
+    ("ta.apgd", {}),
+])
+def test_third_party_attacks_run_on_channels_last_models(name, overrides):
+    """The runtime prepares models channels_last (CPU and CUDA), whose input gradients come back
+    channels_last; AutoAttack and torchattacks flatten them with .view, which used to fail on RGB
+    images. They run, and break the same images as on the model in the default layout."""
+    torch.manual_seed(0)
+    model = build_model("tiny-cnn", 3, 10).eval()
+    x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
+    attack = make_attack(name, "folder", 0.03, overrides)
+    assert CPU.channels_last
+    runs = {}
+    for layout, net, inputs in (("default", model, x),
+                                ("channels_last", CPU.prepare(copy.deepcopy(model)), CPU.batch(x))):
+        x_adv = attack(net, inputs, y, torch.arange(16))
+        with torch.no_grad():
+            runs[layout] = net(x_adv).argmax(1) == y
+    assert (runs["default"] == runs["channels_last"]).float().mean() >= 0.9, runs
