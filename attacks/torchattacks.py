@@ -184,6 +184,7 @@ class _FirstChannels(nn.Module):
     def __init__(self, model: nn.Module, c: int) -> None:
         super().__init__()
         self.model, self.c = model, c
+        self.training = model.training  # torchattacks restores the mode it reads here onto the model
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(x[:, :self.c])

@@ -120,6 +120,7 @@ class ContiguousInput(nn.Module):
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
+        self.training = model.training  # code that reads the wrapper's mode and restores it sees the model's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(_ContiguousGrad.apply(x))
