@@ -176,8 +176,8 @@ class AutoAttack(Attack):
         with torch.no_grad():
             n_classes = model(x[:1]).shape[-1]
         ref = Reference(
-            ContiguousInput(model), eps=self.eps, norm=_REFERENCE_NORM[self.norm], version=self.version, device=x.device,
-            seed=seed, attacks=list(self.attacks) if self.version == "custom" else None,
+            ContiguousInput(model), eps=self.eps, norm=_REFERENCE_NORM[self.norm], version=self.version,
+            device=x.device, seed=seed, attacks=list(self.attacks) if self.version == "custom" else None,
         )
         to_run = ref.attacks_to_run or []
         if n_classes < 4 and any(a in _DLR for a in to_run):
