@@ -769,9 +769,10 @@ def scale_section(plan: Plan, n_params: int, metas: dict, timings: dict, total: 
     lines = ["## Scale, and why", "", model,
              f"- Steps: **{plan.steps}** optimiser steps of batch 32 for every defense ({plan.steps * 32:,} images, "
              f"{plan.steps * 32 / 50000:.2f} epochs of the 50,000 training images; the paper: 79,800 steps, ~51 "
-             "epochs). Chosen so that the whole benchmark takes about 40 minutes of wall time on this machine "
-             "(2 cores shared with other jobs, run under `nice -n 10`, two worker processes of one thread each). "
-             "Same seed (0) for every defense: the same initial weights and the same batches.",
+             f"epochs), so that the whole benchmark fits a few hours of a 2-core machine; this one took "
+             f"{total / 60:.0f} minutes of wall time ({plan.workers} worker process(es) of {plan.threads} "
+             "thread(s), under `nice -n 10`). Same seed (0) for every defense: the same initial weights and the "
+             "same batches.",
              "- Unchanged from the paper (App. A): ε 0.03, step 0.0075, 10 attack steps in training and in PGD/CW "
              "evaluation, Adam 1e-3 constant, batch 32, random horizontal flip, λ 6, η 0.5 (-P) / 1 (-T), RBS k 2; "
              "N-attack population 300, σ 0.1, lr 0.008, 200 iterations; CW κ 50; AutoAttack `standard`. "
