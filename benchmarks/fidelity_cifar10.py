@@ -585,7 +585,7 @@ def variant_table(plan: Plan, main_rows: dict, main_metas: dict) -> list[str]:
     return md_table(head, body)
 
 
-def learning_curve(plan: Plan) -> list[str]:
+def learning_curve(stages: dict[int, dict[str, dict]]) -> list[str]:
     """The paper's pairs at every evaluated step (``--eval-steps``): a - b under PGD (paired, McNemar)
     and in loss sensitivity (mean of the per-image differences, paired 95% interval). Each step's rows
     are found by the weights' sha256 the benchmark recorded for it (``STAGES``)."""
@@ -593,7 +593,6 @@ def learning_curve(plan: Plan) -> list[str]:
     from robench.report import md_table
     from robench.sensitivity import PAPER_POINTS
 
-    stages = _stage_columns(plan)
     points = [f"{t} {v:g}" for t, values in PAPER_POINTS.items() for v in values]
     head = ["pair (a vs b)", "step", "PGD a", "PGD b", "Δ PGD a − b [95%]", "McNemar p",
             *(f"Δ l {p} [95%]" for p in points)]
@@ -622,13 +621,13 @@ def learning_curve(plan: Plan) -> list[str]:
     return md_table(head, body)
 
 
-def orderings_by_step(plan: Plan) -> list[str]:
+def orderings_by_step(stages: dict[int, dict[str, dict]]) -> list[str]:
     """At each evaluated step: how many of the paper's pairwise orderings (its four defenses) agree
     in sign, per table, and each defense's clean and PGD accuracy, so one sees whether the ordering
     moves toward the paper's as training proceeds."""
     from robench.report import md_table
 
-    stages = {step: cols for step, cols in _stage_columns(plan).items() if all(d in cols for d in PAPER4)}
+    stages = {step: cols for step, cols in stages.items() if all(d in cols for d in PAPER4)}
     shown = [d for d in ["standard", *PAPER4] if all(d in cols for cols in stages.values())]
     body = []
     for step, cols in stages.items():
@@ -682,17 +681,18 @@ def header(plan: Plan, timings: dict, command: str) -> list[str]:
             ranks.append([f"loss sensitivity {c} (lower first)", ranking(ours, c, True), paper_ranking(c)])
     lines += ["### Rankings", "", *md_table(["column", "ours (n)", "paper CIFAR-10"], ranks)]
     if plan.eval_steps:
+        stages = _stage_columns(plan)
         lines += ["### Learning curve", "",
                   f"Each run was trained in stages (steps {', '.join(map(str, plan.stages()))}; robench's "
                   "resume, so a run evaluated on the way equals one trained straight through) and evaluated "
                   "at each stage on the same test images. PGD: accuracy of a and b (%), their paired difference "
                   "a − b in percentage points with a 95% Newcombe interval, and the exact McNemar p. Loss "
                   "sensitivity (lower is smoother): mean over images of a − b with a paired normal 95% "
-                  "interval; the paper has RLFAT below its baseline.", "", *learning_curve(plan),
+                  "interval; the paper has RLFAT below its baseline.", "", *learning_curve(stages),
                   "How the orderings of the paper's four defenses move: at each step, how many pairwise "
                   "orderings agree in sign with the paper's Table 1 (accuracy) and Table 2 (loss sensitivity), "
                   "how many of those our paired 95% interval resolves, and each model's clean / PGD accuracy.",
-                  "", *orderings_by_step(plan)]
+                  "", *orderings_by_step(stages)]
     lines += ["## Where the paper's prose and the official code differ (RLFAT-T, same budget)", "",
               "robench's defaults: `rbs_mode=\"batch\"` (one RBS draw per batch, as the official code; the "
               "prose reads as per image) and `attack_mode=\"eval\"` (x' made with BatchNorm in eval mode, as "
@@ -887,6 +887,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse(argv)
+    if args.publish is not None and (args.publish.is_dir() or any(p.exists() and not p.is_dir()
+                                                                  for p in args.publish.parents)):
+        raise SystemExit(f"error: --publish {args.publish} must be a manifest file's path, not a folder or a "
+                         "path through a file")
     if not args.archive.is_file():
         print(f"fidelity_cifar10: skipped: no CIFAR-10 JPEG archive at {args.archive} "
               f"(it lives in ../shared/data next to the repository)")

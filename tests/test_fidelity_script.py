@@ -14,6 +14,7 @@ import tarfile
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "fidelity_cifar10.py"
@@ -33,6 +34,17 @@ def test_skips_without_archive(tmp_path):
     lines = proc.stdout.strip().splitlines()
     assert len(lines) == 1 and "skipped" in lines[0] and "missing.tar.gz" in lines[0]
     assert not out.exists() and not (tmp_path / "w").exists()
+
+
+@pytest.mark.parametrize("where", ["dir", "through-a-file"])
+def test_bad_publish_target_is_refused_before_any_work(tmp_path, where):
+    (tmp_path / "file").write_text("x")
+    target = tmp_path if where == "dir" else tmp_path / "file" / "manifest.json"
+    proc = _run(["--archive", str(tmp_path / "missing.tar.gz"), "--workdir", str(tmp_path / "w"),
+                 "--publish", str(target)], tmp_path)
+    assert proc.returncode != 0 and not (tmp_path / "w").exists()
+    assert proc.stderr.strip().splitlines() == [f"error: --publish {target} must be a manifest file's path, not a "
+                                                "folder or a path through a file"], proc.stderr
 
 
 def _synthetic_archive(path: Path, classes: int = 4, n_train: int = 10, n_test: int = 5) -> None:
