@@ -126,11 +126,38 @@ def load_weights(path: Path) -> dict[str, torch.Tensor]:
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], source: Path, arch: str) -> None:
+    """``state`` into ``model`` (strict), once its tensors are known to be numbers (``check_numbers``)."""
+    check_numbers(state, model.state_dict(), source, arch)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
         first = str(e).splitlines()[1].strip() if len(str(e).splitlines()) > 1 else str(e)
         raise UserError(f"weights in {source} do not fit architecture {arch!r} ({first})") from None
+
+
+def check_numbers(state: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], source: Path, arch: str) -> None:
+    """A one-line UserError when a tensor is not a real number where the model holds floating-point
+    ones: NaN or Inf anywhere (weights or BN statistics), or an integer, boolean or complex tensor
+    (``load_state_dict`` would cast it without a word: an int8 file's values mean nothing without
+    its scales). Integer tensors that are integer in the model too (``num_batches_tracked``) and
+    half-precision floats are numbers, and load as they are."""
+    def dtype(v: torch.Tensor) -> str:
+        return str(v.dtype).removeprefix("torch.")
+
+    kinds = [f"{k} ({dtype(v)})" for k, v in state.items() if k in expected and expected[k].is_floating_point()
+             and not v.is_floating_point()]
+    if kinds:
+        raise UserError(f"weights in {source}: {len(kinds)} tensor{'s are' if len(kinds) > 1 else ' is'} not "
+                        f"floating-point where {arch!r} has floating-point weights ({_some(kinds)}); robench "
+                        f"does not convert them: save the model's floating-point state dict")
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise UserError(f"weights in {source} are not all numbers: {len(bad)} tensor{'s' if len(bad) > 1 else ''} "
+                        f"hold NaN or Inf ({_some(bad)}); the file is damaged or was saved after training diverged")
+
+
+def _some(items: list[str], n: int = 3) -> str:
+    return ", ".join(items[:n]) + (f", ... ({len(items) - n} more)" if len(items) > n else "")
 
 
 def load(run_dir: Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict:
