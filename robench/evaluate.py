@@ -261,7 +261,7 @@ def run_eval(
                 raise UserError(f"--n {n} is larger than the {ds} test set ({len(splits.x_test)} images)")
             if source is None:
                 target = target_from_file(checkpoint_path, arch or DATASET_DEFAULTS[ds].arch, ds, splits, mean, std)
-                used.append(f"{target.label}: file {checkpoint_path}")
+                used.append(f"{target.label}: {target.meta['loaded']}")
             else:
                 target = source.load(splits)
                 used.append(f"{target.label}: {source.describe()}")

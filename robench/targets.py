@@ -18,6 +18,7 @@ from robench import checkpoint
 from robench.data import Splits
 from robench.errors import UserError
 from robench.models import Normalized, arch_names, build_model, is_builtin
+from robench.models.normalize import input_normalization, normalized
 from robench.registry import DEFENSES
 
 
@@ -46,7 +47,9 @@ def target_from_file(path: Path, arch: str, dataset: str, splits: Splits,
     under ``state_dict`` / ``model_state_dict`` / ``net`` / ``model`` (nested too), its keys may
     carry ``module.`` (DataParallel), ``model.`` or ``_orig_mod.`` (torch.compile) prefixes.
     ``arch``: any name ``build_model`` knows, or ``package.module:factory`` (the user's code).
-    ``mean``/``std``: an input normalisation applied inside the model, after loading."""
+    ``mean``/``std``: an input normalisation applied inside the model, after loading, instead of
+    the architecture's own (``dm-wrn``'s, as RobustBench's); mean 0 and std 1: none at all. The
+    normalisation the model applies is part of its identity and of ``meta["loaded"]``."""
     if (mean is None) != (std is None):
         raise UserError("--mean and --std go together: give both (or neither)")
     if not path.is_file():
@@ -59,16 +62,27 @@ def target_from_file(path: Path, arch: str, dataset: str, splits: Splits,
     state = _read_state(path)
     state = _match_keys(state, model, path, arch, mean, std)
     checkpoint.load_into(model, state, path, arch)
+    origin = f"{arch}'s own, as RobustBench's" if input_normalization(model) else ""
     if mean is not None:
         try:
-            model = Normalized(model, mean, std)
+            model, origin = normalized(model, mean, std), "--mean/--std"
         except ValueError as e:
             raise UserError(f"--mean/--std: {e}") from None
+    norm = input_normalization(model)
     file_sha = checkpoint.sha256(path)
+    loaded = f"file {path}"
     meta = {"defense": path.stem, "dataset": dataset, "arch": arch, "source": str(path), "weights_sha256": file_sha}
-    if mean is not None:
-        meta.update(mean=[float(m) for m in mean], std=[float(s) for s in std])
-    return Target(path.stem, model, model_identity(file_sha, arch, mean, std), dataset, meta)
+    if norm is not None:
+        meta.update(mean=list(norm[0]), std=list(norm[1]))
+        loaded += f", inputs normalised with mean {_csv(norm[0])} std {_csv(norm[1])} ({origin})"
+    elif mean is not None:
+        loaded += ", no input normalisation (--mean/--std none)"
+    meta["loaded"] = loaded
+    return Target(path.stem, model, model_identity(file_sha, arch, *(norm or (None, None))), dataset, meta)
+
+
+def _csv(values: Sequence[float]) -> str:
+    return ",".join(f"{v:g}" for v in values)
 
 
 def model_identity(file_sha: str, arch: str, mean: Sequence[float] | None = None,

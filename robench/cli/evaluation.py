@@ -22,10 +22,11 @@ from robench.errors import UserError
                    "rb-wrn-28-10, dm-wrn-70-16, preact-resnet-18, resnet-18), or package.module:factory.")
 @click.option("--mean", default=None,
               help="--checkpoint's input normalisation (x - mean) / std, applied inside the model: one mean "
-                   "per channel (e.g. 0.4914,0.4822,0.4465) or one for all, or cifar10 / cifar100; needs --std.")
+                   "per channel (e.g. 0.4914,0.4822,0.4465) or one for all, or cifar10 / cifar100 / none; needs "
+                   "--std. Replaces dm-wrn's own (RobustBench's CIFAR statistics).")
 @click.option("--std", default=None,
               help="The std of that normalisation, per channel (e.g. 0.2471,0.2435,0.2616) or one for all, "
-                   "or cifar10 / cifar100; needs --mean.")
+                   "or cifar10 / cifar100 / none; needs --mean.")
 @click.option("--dataset", default=None,
               help="[default: the dataset the defense's newest checkpoint was trained on]")
 @path_option("--data-dir", default=None)

@@ -10,9 +10,10 @@ checkpoints load with ``strict=True`` (module names and shapes follow RobustBenc
 * ``dm-wrn-D-W``: DeepMind's wide ResNet (``dm_wide_resnet.py``, Gowal et al. 2020, Rebuffi et al.
   2021), Swish (= SiLU) as every RobustBench entry builds it, TF-style 'SAME' padding (0 before,
   1 after) on the strided convs. Keys ``init_conv``, ``layer.0.block.0.{batchnorm_0,conv_0,
-  batchnorm_1,conv_1,shortcut}``, ``batchnorm``, ``logits``. RobustBench's copy normalises
-  inside the model with non-persistent buffers; ours leaves that to ``robench.models.normalize``
-  (``--mean/--std``), so the checkpoint keys are the same.
+  batchnorm_1,conv_1,shortcut}``, ``batchnorm``, ``logits``. Like RobustBench's, it normalises its
+  input itself, with non-persistent buffers (no keys; the files carry nothing to detect): CIFAR-10's
+  statistics, CIFAR-100's with 100 classes, as every RobustBench entry builds it; none on inputs
+  that are not 3-channel. ``--mean/--std`` replace them (``none`` for no normalisation).
 * ``preact-resnet-18``: Rice et al. 2020's PreActResNet-18 (RobustBench ``PreActBlockV2`` with
   ``bn_before_fc=True``: the shortcut sees the activated input, a final BN-ReLU ``bn``).
   ``preact-resnet-18-fast``: Wong et al. 2020's (fast AT; Andriushchenko & Flammarion 2020)
@@ -24,6 +25,23 @@ checkpoints load with ``strict=True`` (module names and shapes follow RobustBenc
 One deliberate difference: RobustBench ends each of these in ``avg_pool2d`` with a fixed kernel
 (8 or 4: the last feature map of a 32x32 input); ours pool globally, which is the same on 32x32
 inputs and also runs on other sizes. BatchNorm uses PyTorch's defaults, as theirs does.
+
+RobustBench's other normalising entries (checked against its ``model_zoo/cifar10.py`` and
+``cifar100.py``) wrap a plain architecture in a class with ``mu``/``sigma`` buffers, and the same
+architecture also serves unnormalised entries (Andriushchenko2020Understanding is Wong2020Fast's
+PreActResNet-18 without one). So these carry no default: a file that stores ``mu``/``sigma`` (or
+``normalize.mean``/``std``) is normalised with them, and one that does not (RobustBench loads
+these entries' files without them, keeping its class's values) needs ``--mean/--std`` as the
+class defines them. CIFAR-10, ``cifar10``:
+Wong2020Fast (``preact-resnet-18-fast``), Rice2020Overfitting (Linf ``rb-wrn-34-20``, L2
+``preact-resnet-18``), Kireev2021Effectiveness (``preact-resnet-18``), Chen2020Efficient
+(``rb-wrn-34-10``). Own digits: Augustin2020Adversarial_34_10 (``rb-wrn-34-10``; 0.49140,
+0.48216, 0.44653 / 0.24703, 0.24349, 0.26159), Rony2019Decoupling (``rb-wrn-28-10``; 0.491,
+0.482, 0.447 / 0.247, 0.243, 0.262), Hendrycks2019Using (``rb-wrn-28-10``, 2x - 1: 0.5 / 0.5).
+CIFAR-100, ``cifar100`` to 4 places: Rice2020Overfitting (``preact-resnet-18``),
+Wu2020Adversarial (``rb-wrn-34-10``); own digits: Chen2020Efficient (``rb-wrn-34-10``; 0.5071,
+0.4867, 0.4408 / 0.2675, 0.2565, 0.2761), Hendrycks2019Using (0.5 / 0.5). DMPreActResNet (the
+R18 entries of Rebuffi2021, Gowal2021, Rade2021) has no robench counterpart.
 """
 
 from __future__ import annotations
@@ -35,6 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from robench.models.normalize import NAMED_STATS, OwnNormalization
 from robench.registry import ARCHS
 
 __all__ = ["DMWideResNet", "PreActResNet18", "ResNet18", "TradesWideResNet", "parse_external_wrn"]
@@ -151,9 +170,18 @@ def _same_pad(size: torch.Size, stride: int) -> tuple[int, int, int, int]:
     return tuple(pads)
 
 
-class DMWideResNet(nn.Module):
-    """``dm-wrn-D-W``: RobustBench's ``DMWideResNet(num_classes, depth, width, activation_fn=Swish)``
-    without its built-in normalisation (give ``--mean/--std``; CIFAR-10's for its CIFAR-10 entries)."""
+def dm_default_stats(in_channels: int, num_classes: int) -> tuple | None:
+    """The normalisation RobustBench builds its DMWideResNet entries with: CIFAR-10's statistics
+    (its default), CIFAR-100's for its CIFAR-100 entries; no standard for other than 3 channels."""
+    if in_channels != 3:
+        return None
+    return NAMED_STATS["cifar100" if num_classes == 100 else "cifar10"]
+
+
+class DMWideResNet(OwnNormalization):
+    """``dm-wrn-D-W``: RobustBench's ``DMWideResNet(num_classes, depth, width, activation_fn=Swish)``,
+    normalising its input with ``dm_default_stats`` as RobustBench's entries do (non-persistent
+    buffers; ``robench.models.normalize.normalized`` replaces them)."""
 
     def __init__(self, in_channels: int, num_classes: int, depth: int = 70, width: int = 16,
                  act: type = nn.SiLU) -> None:
@@ -165,8 +193,10 @@ class DMWideResNet(nn.Module):
                                      for i in range(3)))
         self.batchnorm, self.relu = nn.BatchNorm2d(c[3]), act()
         self.logits = nn.Linear(c[3], num_classes)
+        self.set_input_normalization(*(dm_default_stats(in_channels, num_classes) or (None, None)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.normalize_input(x)
         out = F.adaptive_avg_pool2d(self.relu(self.batchnorm(self.layer(self.init_conv(x)))), 1)
         return self.logits(torch.flatten(out, 1))
 
