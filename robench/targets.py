@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -45,11 +46,13 @@ def target_from_file(path: Path, arch: str, dataset: str, splits: Splits,
     """A model trained elsewhere: a safetensors file, or a state dict loaded with
     ``torch.load(weights_only=True)``; neither can execute code. The state dict may be bare or
     under ``state_dict`` / ``model_state_dict`` / ``net`` / ``model`` (nested too), its keys may
-    carry ``module.`` (DataParallel), ``model.`` or ``_orig_mod.`` (torch.compile) prefixes.
-    ``arch``: any name ``build_model`` knows, or ``package.module:factory`` (the user's code).
+    carry ``module.`` (DataParallel), ``model.`` or ``_orig_mod.`` (torch.compile) prefixes, also
+    beside a stored normalisation (RobustBench's ``normalize_model``: ``normalize.mean``,
+    ``normalize.std`` and ``model.*``). ``arch``: any name ``build_model`` knows, or ``package.module:factory`` (the user's code).
     ``mean``/``std``: an input normalisation applied inside the model, after loading, instead of
-    the architecture's own (``dm-wrn``'s, as RobustBench's); mean 0 and std 1: none at all. The
-    normalisation the model applies is part of its identity and of ``meta["loaded"]``."""
+    the architecture's own (``dm-wrn``'s, as RobustBench's); mean 0 and std 1: none at all. A
+    normalisation the file stores is applied (once) without them, and refused if they differ.
+    The normalisation the model applies is part of its identity and of ``meta["loaded"]``."""
     if (mean is None) != (std is None):
         raise UserError("--mean and --std go together: give both (or neither)")
     if not path.is_file():
@@ -60,14 +63,18 @@ def target_from_file(path: Path, arch: str, dataset: str, splits: Splits,
             raise UserError(f"{option} has {len(values)} values but {dataset} images have {channels} channel(s)")
     model = build_model(arch, channels, splits.num_classes, allow_import=True)
     state = _read_state(path)
-    state = _match_keys(state, model, path, arch, mean, std)
+    state, stored = _match_keys(state, model, path, arch)
     checkpoint.load_into(model, state, path, arch)
     origin = f"{arch}'s own, as RobustBench's" if input_normalization(model) else ""
+    if stored is not None:
+        _check_norm(stored, path, mean, std, channels)
+        mean, std = stored[2], stored[3]
     if mean is not None:
         try:
-            model, origin = normalized(model, mean, std), "--mean/--std"
+            model = normalized(model, mean, std)
         except ValueError as e:
-            raise UserError(f"--mean/--std: {e}") from None
+            raise UserError(f"{f'the normalisation {path} stores' if stored else '--mean/--std'}: {e}") from None
+        origin = f"stored in the file as {stored[0]}, {stored[1]}" if stored else "--mean/--std"
     norm = input_normalization(model)
     file_sha = checkpoint.sha256(path)
     loaded = f"file {path}"
@@ -129,13 +136,16 @@ def _read_state(path: Path) -> dict[str, torch.Tensor]:
 
 
 def _variants(state: dict[str, torch.Tensor]) -> list[dict[str, torch.Tensor]]:
-    """``state``, then with each prefix every key shares stripped in turn ("module.model.x")."""
+    """``state``, then with each prefix every key shares stripped in turn ("module.model.x"); the
+    keys of a stored normalisation need not share it (``normalize.mean`` beside ``model.x``)."""
     out = [state]
     while True:
-        prefix = next((p for p in PREFIXES if all(k.startswith(p) for k in out[-1])), None)
+        norm = {k for pair in STORED_NORMS if all(p in out[-1] for p in pair) for k in pair}
+        rest = [k for k in out[-1] if k not in norm]
+        prefix = next((p for p in PREFIXES if rest and all(k.startswith(p) for k in rest)), None)
         if prefix is None or len(out) > 4:
             return out
-        out.append({k[len(prefix):]: v for k, v in out[-1].items()})
+        out.append({k if k in norm else k[len(prefix):]: v for k, v in out[-1].items()})
 
 
 def _mismatch(state: dict, expected: dict) -> tuple[list[str], list[str], list[str]]:
@@ -145,10 +155,10 @@ def _mismatch(state: dict, expected: dict) -> tuple[list[str], list[str], list[s
     return missing, unexpected, shape
 
 
-def _match_keys(state: dict[str, torch.Tensor], model: nn.Module, path: Path, arch: str,
-                mean: Sequence[float] | None, std: Sequence[float] | None) -> dict[str, torch.Tensor]:
-    """The variant of ``state`` whose keys and shapes are exactly the model's, or a one-line
-    ``UserError`` that names the differences and, where it can tell, the right ``--arch``."""
+def _match_keys(state: dict[str, torch.Tensor], model: nn.Module, path: Path, arch: str) -> tuple[dict, tuple | None]:
+    """The variant of ``state`` whose keys and shapes are exactly the model's, with the input
+    normalisation the file stores beside them (``_stored_norm``), or a one-line ``UserError``
+    that names the differences and, where it can tell, the right ``--arch``."""
     expected = model.state_dict()
     ignored = tuple(getattr(model, "ignored_state_keys", ()))
     best = None
@@ -157,11 +167,9 @@ def _match_keys(state: dict[str, torch.Tensor], model: nn.Module, path: Path, ar
         variant, stored = _stored_norm(variant, expected)
         diff = _mismatch(variant, expected)
         if not any(diff):
-            if stored is not None:
-                _check_norm(stored, path, mean, std)
             for k in expected:  # files from before PyTorch 0.4.1 lack BN's step counter; it is unused
                 variant.setdefault(k, expected[k])
-            return variant
+            return variant, stored
         if best is None or sum(map(len, diff)) < sum(map(len, best[1])):
             best = (variant, diff)
     variant, (missing, unexpected, shape) = best
@@ -182,21 +190,33 @@ def _some(keys, n: int = 2) -> str:
 
 def _stored_norm(state: dict, expected: dict) -> tuple[dict, tuple | None]:
     """``state`` less an input normalisation the file stores but the model does not expect (the
-    ``mu``/``sigma`` buffers of RobustBench's normalising wrappers), and that normalisation."""
+    ``mu``/``sigma`` buffers of RobustBench's normalising wrappers, ``normalize.mean``/``std`` of its
+    ``normalize_model``), and that normalisation: (mean key, std key, mean, std)."""
     for m_key, s_key in STORED_NORMS:
         if m_key in state and s_key in state and m_key not in expected and s_key not in expected:
-            stored = (m_key, s_key, state[m_key].flatten().tolist(), state[s_key].flatten().tolist())
+            stored = (m_key, s_key, _floats(state[m_key]), _floats(state[s_key]))
             return {k: v for k, v in state.items() if k not in (m_key, s_key)}, stored
     return state, None
 
 
-def _check_norm(stored: tuple, path: Path, mean, std) -> None:
-    """The stored normalisation must be the one given as --mean/--std: robench never applies
-    one silently, and never drops one silently either."""
+def _floats(t: torch.Tensor) -> tuple[float, ...]:
+    """A tensor's values as the shortest decimals that give them back (float32's 0.4914 as 0.4914,
+    not 0.49140000343: the same model as ``--mean 0.4914`` has the same result key)."""
+    if t.dtype == torch.float64:
+        return tuple(t.flatten().tolist())
+    return tuple(float(str(np.float32(v))) for v in t.float().flatten().tolist())
+
+
+def _check_norm(stored: tuple, path: Path, mean, std, channels: int) -> None:
+    """The stored normalisation fits the images, and is the one given as --mean/--std if any:
+    robench never drops one silently, nor applies another."""
     m_key, s_key, *values = stored
+    if len(values[0]) != len(values[1]) or len(values[0]) not in (1, channels):
+        raise UserError(f"{path} stores an input normalisation ({m_key}, {s_key}) of {len(values[0])} and "
+                        f"{len(values[1])} values, for images of {channels} channel(s)")
     text = f"--mean {','.join(f'{v:g}' for v in values[0])} --std {','.join(f'{v:g}' for v in values[1])}"
     if mean is None:
-        raise UserError(f"{path} stores an input normalisation ({m_key}, {s_key}); evaluate it with {text}")
+        return
     for given, want in zip((list(mean), list(std)), values):
         given = given * len(want) if len(given) == 1 else given
         if len(given) != len(want) or any(abs(a - b) > 1e-6 for a, b in zip(given, want)):

@@ -208,20 +208,28 @@ def test_robustbench_sub_block1_is_ignored(tmp_path):
     assert torch.equal(logits(target.model, splits.x_test), logits(model, splits.x_test))
 
 
-def test_stored_normalisation_must_be_given(tmp_path):
-    """RobustBench's wrappers (e.g. Wong2020FastNet) keep mu/sigma buffers in their state dict."""
+def test_stored_normalisation_is_used(tmp_path):
+    """RobustBench's wrappers (e.g. Wong2020FastNet) keep mu/sigma buffers in their state dict: the
+    file's normalisation is applied, with or without the same --mean/--std, never another one."""
     splits = synthetic()
     model = random_model("preact-resnet-18-fast")
     sd = {**model.state_dict(), "mu": torch.tensor(CIFAR[0]).view(1, 3, 1, 1),
           "sigma": torch.tensor(CIFAR[1]).view(1, 3, 1, 1)}
     torch.save(sd, tmp_path / "m.pt")
-    with pytest.raises(UserError, match=r"stores an input normalisation .*--mean 0.4914,0.4822,0.4465 --std 0.2471"):
-        target_from_file(tmp_path / "m.pt", "preact-resnet-18-fast", "synthetic", splits)
-    with pytest.raises(UserError, match="differ from the normalisation"):
+    with pytest.raises(UserError, match=r"differ from the normalisation .* stores \(--mean 0.4914,0.4822,0.4465 "):
         target_from_file(tmp_path / "m.pt", "preact-resnet-18-fast", "synthetic", splits, (0.5,), (0.25,))
-    target = target_from_file(tmp_path / "m.pt", "preact-resnet-18-fast", "synthetic", splits, *CIFAR)
     mean, std = (torch.tensor(v).view(3, 1, 1) for v in CIFAR)
-    assert torch.equal(logits(target.model, splits.x_test), logits(model, (splits.x_test - mean) / std))
+    found = target_from_file(tmp_path / "m.pt", "preact-resnet-18-fast", "synthetic", splits)
+    given = target_from_file(tmp_path / "m.pt", "preact-resnet-18-fast", "synthetic", splits, *CIFAR)
+    for target in (found, given):
+        assert torch.equal(logits(target.model, splits.x_test), logits(model, (splits.x_test - mean) / std))
+        assert "stored in the file as mu, sigma" in target.meta["loaded"]
+    assert found.sha256 == given.sha256 == model_identity(checkpoint.sha256(tmp_path / "m.pt"), "preact-resnet-18-fast",
+                                                          *CIFAR)
+    gray = {**random_model("preact-resnet-18-fast", c=1).state_dict(), "mu": sd["mu"], "sigma": sd["sigma"]}
+    torch.save(gray, tmp_path / "gray.pt")
+    with pytest.raises(UserError, match=r"stores an input normalisation \(mu, sigma\) of 3 and 3 values, for images of 1"):
+        target_from_file(tmp_path / "gray.pt", "preact-resnet-18-fast", "synthetic", synthetic(c=1))
 
 
 def one_line(excinfo) -> str:

@@ -20,6 +20,7 @@ from torch import nn
 
 from robench import checkpoint
 from robench.data import Splits
+from robench.errors import UserError
 from robench.models.normalize import Normalized, input_normalization
 from robench.targets import model_identity, target_from_file
 from test_external import cli_eval, folder  # noqa: F401  (folder: the fixture)
@@ -242,3 +243,37 @@ def test_cli_dm_wrn_without_flags_matches_robustbench(tmp_path, monkeypatch, fol
                        "--std", "none")
     rb.mean.fill_(0.0), rb.std.fill_(1.0)
     assert close(logits(none, x), logits(rb, x))
+
+
+# --- item 11: RobustBench's normalize_model layout -----------------------------------------------
+
+
+@pytest.mark.parametrize("prefix,wrap", [("", lambda sd: sd), ("module.", lambda sd: {"state_dict": sd})])
+def test_normalize_model_layout_loads_with_its_normalisation(tmp_path, prefix, wrap):
+    """``normalize.mean``/``normalize.std`` plus ``model.*`` (a prefix the normalisation keys do
+    not share): loaded without flags, normalised once with the file's statistics."""
+    rb = randomised(rb_normalize_model(RBWideResNet(10, 10, 2, sub_block1=True), *CIFAR10))
+    path = save_rb(rb, tmp_path / "n.pt", wrap, prefix)
+    splits = splits32()
+    x = splits.x_test
+    found = target_from_file(path, "rb-wrn-10-2", "synthetic", splits)
+    given = target_from_file(path, "rb-wrn-10-2", "synthetic", splits, *CIFAR10)
+    for target in (found, given):
+        assert close(logits(target.model, x), logits(rb, x))
+        assert input_normalization(target.model) == CIFAR10
+        assert "stored in the file as normalize.mean, normalize.std" in target.meta["loaded"]
+    assert found.sha256 == given.sha256 == model_identity(checkpoint.sha256(path), "rb-wrn-10-2", *CIFAR10)
+    with pytest.raises(UserError, match="differ from the normalisation"):
+        target_from_file(path, "rb-wrn-10-2", "synthetic", splits, *CIFAR100)
+
+
+def test_normalize_model_around_a_dm_wrn_is_normalised_once(tmp_path):
+    """A stored normalisation replaces dm-wrn's own: the file's model normalises once (here a
+    DMWideResNet with mean 0 and std 1 inside ``normalize_model``), and so does robench's."""
+    inner = RBDMWideResNet(10, 10, 1, mean=(0.0,) * 3, std=(1.0,) * 3)
+    rb = randomised(rb_normalize_model(inner, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25)))
+    path = save_rb(rb, tmp_path / "n.pt", lambda sd: sd, "")
+    splits = splits32()
+    target = target_from_file(path, "dm-wrn-10-1", "synthetic", splits)
+    assert close(logits(target.model, splits.x_test), logits(rb, splits.x_test))
+    assert input_normalization(target.model) == ((0.5,) * 3, (0.25,) * 3) and not isinstance(target.model, Normalized)
