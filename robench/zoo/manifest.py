@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 import re
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -78,6 +80,13 @@ _REQUIRED = [f.name for f in dataclasses.fields(Entry)
              if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING]
 
 
+MAX_CHANNELS = 1024
+MAX_CLASSES = 100_000
+MAX_SIDE = 16_384  # pixels along one side of an image
+MAX_SIZE = 1 << 40  # bytes of a checkpoint file
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def check_name(name: str, where: str = "zoo entry name") -> str:
     if not isinstance(name, str) or not _NAME.match(name):
         raise UserError(f"{where} {name!r} must be lowercase letters, digits, '.', '_' or '-' "
@@ -86,13 +95,108 @@ def check_name(name: str, where: str = "zoo entry name") -> str:
 
 
 def check_url(url: str, where: str) -> str:
+    """``url`` if it is an http(s) URL with a host, or a file: URL, that ``urllib.parse`` reads."""
     if not isinstance(url, str) or not url.startswith(SCHEMES) or url != url.strip():
         raise UserError(f"{where}: URL {url!r} must start with http://, https:// or file:")
+    try:
+        if _CONTROL.search(url) or " " in url:
+            raise ValueError("a space or a control character")
+        parts = urllib.parse.urlsplit(url)
+        parts.port  # noqa: B018 (a port out of range or not a number raises ValueError)
+        if parts.scheme != "file" and not parts.hostname:
+            raise ValueError("no host")
+        if parts.scheme == "file" and not parts.path:
+            raise ValueError("no path")
+    except ValueError as e:
+        raise UserError(f"{where}: URL {url!r} is not a valid URL ({e})") from None
     return url
 
 
+def _number(value: Any, lo: float = -math.inf, hi: float = math.inf) -> bool:
+    """A finite JSON number (not a boolean) in [lo, hi]."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and lo <= value <= hi
+
+
+def _whole(value: Any, lo: int, hi: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and lo <= value <= hi
+
+
+def _line(value: Any) -> bool:
+    """A non-empty string of one line without control characters."""
+    return isinstance(value, str) and bool(value.strip()) and not _CONTROL.search(value)
+
+
+def _check_fields(data: dict[str, Any], label: str) -> None:
+    """Each field's range and content (their JSON types are checked already)."""
+    def fail(message: str) -> None:
+        raise UserError(f"{label}: {message}")
+
+    check_name(data["name"], f"{label}: name")
+    if not _SHA.match(data["sha256"]):
+        fail("sha256 must be 64 lowercase hex digits")
+    for key in ("defense", "dataset", "arch", "robench_version"):
+        if not _line(data[key]):
+            fail(f"{key} must be a line of text without control characters, got {json.dumps(data[key])[:40]}")
+    for key, hi in (("size", MAX_SIZE), ("in_channels", MAX_CHANNELS), ("num_classes", MAX_CLASSES)):
+        if not _whole(data[key], 1, hi):
+            fail(f"{key} must be positive and at most {hi}, got {data[key]}")
+    file = data["file"]
+    if _CONTROL.search(file) or "\\" in file or Path(file).name != file or not file.endswith(".safetensors"):
+        fail(f"file {file!r} must be a plain NAME.safetensors (no folder, no control characters)")
+    classes = data.get("classes", [])
+    if not all(_line(c) for c in classes):
+        fail("classes must be lines of text without control characters")
+    if classes and len(classes) != data["num_classes"]:
+        fail(f"classes names {len(classes)} classes, but num_classes is {data['num_classes']}")
+    size = data.get("image_size")
+    if size is not None and (len(size) != 2 or not all(_whole(v, 1, MAX_SIDE) for v in size)):
+        fail(f"image_size must be [height, width], two whole numbers from 1 to {MAX_SIDE}, got {json.dumps(size)[:40]}")
+    for i, url in enumerate(data.get("urls", [])):
+        check_url(url, f"{label}: urls[{i}]")
+    mean, std = data.get("mean"), data.get("std")
+    for norm, values in (("mean", mean), ("std", std)):
+        if values is not None and (len(values) != data["in_channels"] or not all(_number(v) for v in values)):
+            fail(f"{norm} must hold {data['in_channels']} numbers, one per channel")
+    if (mean is None) != (std is None):
+        fail("mean and std go together: give both or neither")
+    if std is not None and not all(v > 0 for v in std):
+        fail(f"std must be positive in every channel, got {json.dumps(std)[:40]}")
+    for key in ("config", "objective"):
+        if data.get(key, {}).get("eps") is not None and not _number(data[key]["eps"], 0):
+            fail(f"{key}.eps must be a number >= 0, got {json.dumps(data[key]['eps'])[:40]}")
+    reference = data.get("reference", {})
+    if not all(isinstance(v, str) for v in reference.values()):
+        fail("reference values (link, title, authors, venue) must be strings")
+    for key, result in data.get("results", {}).items():
+        _check_result(key, result, fail)
+
+
+def _check_result(key: str, result: Any, fail) -> None:
+    if not _line(key):
+        fail(f"result name {key!r} must be a line of text without control characters")
+    if not isinstance(result, dict) or not isinstance(result.get("accuracy"), (int, float)) \
+            or not _whole(result.get("n"), 0, 1 << 62):
+        fail(f"result {key!r} must hold a numeric accuracy and an integer n")
+    if not _number(result["accuracy"], 0, 1) or result["n"] < 1:
+        fail(f"result {key!r}: accuracy must be a number from 0 to 1 and n positive")
+    ci = result.get("ci95")
+    if ci is not None and (not isinstance(ci, list) or len(ci) != 2 or not all(_number(v, -1e-9, 1 + 1e-9) for v in ci)
+                           or ci[0] > ci[1]):
+        fail(f"result {key!r}: ci95 must be null or [low, high], numbers from 0 to 1, got {json.dumps(ci)[:40]}")
+    params = result.get("params", {})
+    if not isinstance(params, dict):
+        fail(f"result {key!r}: params must be an object")
+    if params.get("eps") is not None and not _number(params["eps"], 0):
+        fail(f"result {key!r}: params.eps must be a number >= 0, got {json.dumps(params['eps'])[:40]}")
+    for field_ in ("split", "examples", "data", "measured"):
+        if field_ in result and not isinstance(result[field_], str):
+            fail(f"result {key!r}: {field_} must be a string")
+
+
 def entry_from_json(data: Any, where: str, source: Path | None = None) -> Entry:
-    """An ``Entry`` from its JSON object; any wrong field is a one-line UserError naming it."""
+    """An ``Entry`` from its JSON object; any wrong field is a one-line UserError naming the
+    manifest, the entry and the field."""
     if not isinstance(data, dict):
         raise UserError(f"{where}: an entry must be a JSON object")
     label = f"{where} entry {data.get('name')!r}" if isinstance(data.get("name"), str) else f"{where} entry"
@@ -106,24 +210,7 @@ def entry_from_json(data: Any, where: str, source: Path | None = None) -> Entry:
         if not isinstance(value, _TYPES[key]) or (isinstance(value, bool) and bool not in _TYPES[key]):
             names = " or ".join("null" if t is type(None) else t.__name__ for t in _TYPES[key])
             raise UserError(f"{label}: {key} must be {names}, got {json.dumps(value)[:40]}")
-    check_name(data["name"], f"{where} entry name")
-    if not _SHA.match(data["sha256"]):
-        raise UserError(f"{label}: sha256 must be 64 lowercase hex digits")
-    if data["size"] <= 0 or data["in_channels"] <= 0 or data["num_classes"] <= 0:
-        raise UserError(f"{label}: size, in_channels and num_classes must be positive")
-    if Path(data["file"]).name != data["file"] or not data["file"].endswith(".safetensors"):
-        raise UserError(f"{label}: file {data['file']!r} must be a plain NAME.safetensors (no folder)")
-    for url in data.get("urls", []):
-        check_url(url, label)
-    for norm in ("mean", "std"):
-        values = data.get(norm)
-        if values is not None and (len(values) != data["in_channels"]
-                                   or not all(isinstance(v, (int, float)) for v in values)):
-            raise UserError(f"{label}: {norm} must hold {data['in_channels']} numbers, one per channel")
-    for key, result in data.get("results", {}).items():
-        if not isinstance(result, dict) or not isinstance(result.get("accuracy"), (int, float)) \
-                or not isinstance(result.get("n"), int):
-            raise UserError(f"{label}: result {key!r} must hold a numeric accuracy and an integer n")
+    _check_fields(data, label)
     return Entry(**data, source=source)
 
 
