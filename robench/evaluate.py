@@ -216,11 +216,12 @@ def run_eval(
     mean: tuple[float, ...] | None = None,
     std: tuple[float, ...] | None = None,
     zoo_only: bool = False,
+    checkpoint_key: str | None = None,
 ) -> EvalReport:
     """Evaluate each defense (or a model file) under each attack at each eps and store it all.
     A defense's checkpoint is its newest run in the workdir, else the zoo's (``zoo_only``: the
     zoo's in any case; a zoo entry's name picks that entry). ``mean``/``std``: the model file's
-    input normalisation (``target_from_file``)."""
+    input normalisation, ``checkpoint_key``: its best or last model (``target_from_file``)."""
     from robench.data import load_dataset
 
     overrides = overrides or {}
@@ -260,7 +261,8 @@ def run_eval(
             if n is not None and n > len(splits.x_test):
                 raise UserError(f"--n {n} is larger than the {ds} test set ({len(splits.x_test)} images)")
             if source is None:
-                target = target_from_file(checkpoint_path, arch or DATASET_DEFAULTS[ds].arch, ds, splits, mean, std)
+                target = target_from_file(checkpoint_path, arch or DATASET_DEFAULTS[ds].arch, ds, splits, mean, std,
+                                          checkpoint_key)
                 used.append(f"{target.label}: {target.meta['loaded']}")
             else:
                 target = source.load(splits)

@@ -277,3 +277,65 @@ def test_normalize_model_around_a_dm_wrn_is_normalised_once(tmp_path):
     target = target_from_file(path, "dm-wrn-10-1", "synthetic", splits)
     assert close(logits(target.model, splits.x_test), logits(rb, splits.x_test))
     assert input_normalization(target.model) == ((0.5,) * 3, (0.25,) * 3) and not isinstance(target.model, Normalized)
+
+
+# --- item 12: RobustBench's {'last': ..., 'best': ...} files ------------------------------------
+
+
+def save_pair(tmp_path, inner: str = "state_dict"):
+    """Kireev2021Effectiveness' and Andriushchenko2020Understanding's layout: two models in one
+    file, each a state dict (``inner`` "") or under ``state_dict``, with DataParallel's prefix."""
+    best, last = (randomised(RBWideResNet(10, 10, 2), seed) for seed in (3, 4))
+    sds = {name: {f"module.{k}": v for k, v in m.state_dict().items()} for name, m in (("best", best), ("last", last))}
+    torch.save({name: {inner: sd} if inner else sd for name, sd in sds.items()}, tmp_path / "pair.pt")
+    return best, last, tmp_path / "pair.pt"
+
+
+@pytest.mark.parametrize("inner", ["state_dict", ""])
+def test_best_last_pair_loads_best_by_default(tmp_path, inner):
+    best, last, path = save_pair(tmp_path, inner)
+    splits = splits32()
+    x = splits.x_test
+    found = target_from_file(path, "rb-wrn-10-2", "synthetic", splits)
+    assert close(logits(found.model, x), logits(best, x)) and not close(logits(found.model, x), logits(last, x))
+    assert "its 'best' model (--checkpoint-key last: the other)" in found.meta["loaded"]
+    other = target_from_file(path, "rb-wrn-10-2", "synthetic", splits, pick="last")
+    assert close(logits(other.model, x), logits(last, x))
+    assert "its 'last' model (--checkpoint-key best: the other)" in other.meta["loaded"]
+    # one file, two models: two result keys
+    sha = checkpoint.sha256(path)
+    assert (found.sha256, other.sha256) == (f"{sha}+model=best", f"{sha}+model=last")
+    explicit = target_from_file(path, "rb-wrn-10-2", "synthetic", splits, pick="best")
+    assert explicit.sha256 == found.sha256
+
+
+def test_checkpoint_key_errors(tmp_path):
+    splits = splits32()
+    _, _, pair = save_pair(tmp_path)
+    torch.save({"best": {"state_dict": torch.load(pair)["best"]["state_dict"]}}, tmp_path / "best_only.pt")
+    torch.save(randomised(RBWideResNet(10, 10, 2)).state_dict(), tmp_path / "one.pt")
+    for path, pick, expect in [(tmp_path / "one.pt", "last", "holds one model, not {'best'"),
+                               (tmp_path / "best_only.pt", "last", "holds no 'last' model, only 'best'"),
+                               (pair, "first", "choose best or last")]:
+        with pytest.raises(UserError) as e:
+            target_from_file(path, "rb-wrn-10-2", "synthetic", splits, pick=pick)
+        assert expect in str(e.value) and "\n" not in str(e.value)
+    only = target_from_file(tmp_path / "best_only.pt", "rb-wrn-10-2", "synthetic", splits)
+    assert "its 'best' model" in only.meta["loaded"] and "the other" not in only.meta["loaded"]
+
+
+def test_cli_checkpoint_key(tmp_path, monkeypatch, folder):  # noqa: F811
+    from click.testing import CliRunner
+
+    from robench.cli import cli
+    from robench.data import load_dataset
+
+    x = load_dataset("folder", folder).x_test
+    best, last, path = save_pair(tmp_path)
+    loaded, out = cli_eval(tmp_path, monkeypatch, folder, path, "rb-wrn-10-2")
+    assert close(logits(loaded, x), logits(best, x)) and "its 'best' model" in out["checkpoints"][0]
+    loaded, out = cli_eval(tmp_path, monkeypatch, folder, path, "rb-wrn-10-2", "--checkpoint-key", "last")
+    assert close(logits(loaded, x), logits(last, x)) and "its 'last' model" in out["checkpoints"][0]
+    r = CliRunner().invoke(cli, ["eval", "--defense", "standard", "--checkpoint-key", "last",
+                                 "--workdir", str(tmp_path / "wd")], prog_name="robench")
+    assert r.exit_code == 2 and "--checkpoint-key applies to --checkpoint only" in r.stderr

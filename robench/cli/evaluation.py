@@ -20,6 +20,9 @@ from robench.errors import UserError
 @click.option("--arch", default=None,
               help="Architecture of --checkpoint [default: the dataset's]: a name from `robench list` (e.g. "
                    "rb-wrn-28-10, dm-wrn-70-16, preact-resnet-18, resnet-18), or package.module:factory.")
+@click.option("--checkpoint-key", type=click.Choice(["best", "last"]), default=None,
+              help="Which model of a --checkpoint file holding {'best': ..., 'last': ...} (some RobustBench "
+                   "entries; its own loader takes 'last') [default: best].")
 @click.option("--mean", default=None,
               help="--checkpoint's input normalisation (x - mean) / std, applied inside the model: one mean "
                    "per channel (e.g. 0.4914,0.4822,0.4465) or one for all, or cifar10 / cifar100 / none; needs "
@@ -51,8 +54,8 @@ from robench.errors import UserError
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @workdir_option
 @device_options
-def eval_(defenses, zoo_only, checkpoint_path, arch, mean, std, dataset, data_dir, attacks, n, norm, eps,
-          options, faithful, nattack_chunk, batch_size, seed, as_json, progress, workdir, device, amp, compile_):
+def eval_(defenses, zoo_only, checkpoint_path, checkpoint_key, arch, mean, std, dataset, data_dir, attacks, n, norm,
+          eps, options, faithful, nattack_chunk, batch_size, seed, as_json, progress, workdir, device, amp, compile_):
     """Evaluate defenses under attacks, e.g. `robench eval --defense rlfat-p --attacks pgd,cw,nattack`."""
     import json
 
@@ -66,6 +69,8 @@ def eval_(defenses, zoo_only, checkpoint_path, arch, mean, std, dataset, data_di
         raise UserError("--zoo picks the zoo's checkpoints of --defense; it does not apply to --checkpoint")
     if checkpoint_path is not None and checkpoint_path.is_dir():
         raise UserError(f"--checkpoint {checkpoint_path} is a directory; pass the model file (.safetensors, .pt)")
+    if checkpoint_key is not None and checkpoint_path is None:
+        raise UserError("--checkpoint-key applies to --checkpoint only")
     if arch is not None and checkpoint_path is None:
         raise UserError("--arch applies to --checkpoint only; a trained run records its own architecture")
     if (mean is not None or std is not None) and checkpoint_path is None:
@@ -94,7 +99,7 @@ def eval_(defenses, zoo_only, checkpoint_path, arch, mean, std, dataset, data_di
             raise UserError(f"--eps and -o {both[0]}.eps both set the radius; give one of them")
     with distributed(device) as (d, device):
         report = run_eval(
-            defenses=names, checkpoint_path=checkpoint_path,
+            defenses=names, checkpoint_path=checkpoint_path, checkpoint_key=checkpoint_key,
             arch=arch, mean=mean, std=std, dataset=dataset, data_dir=data_dir, attacks=attack_names, n=n,
             eps_list=eps_list, overrides=overrides, batch_size=batch_size, seed=seed,
             workdir=workdir, runtime=Runtime.create(device, amp, compile_), progress=progress, dist=d,
