@@ -1,7 +1,8 @@
 """Architectures. Every entry of ``ARCHS`` is a factory ``(in_channels, num_classes) -> nn.Module``.
 Models take images in [0, 1] of shape (B, C, H, W), any H and W (they end in a global average
 pool), and return logits; a model that expects normalised inputs is wrapped in
-``normalize.Normalized``, so it still takes [0, 1].
+``normalize.Normalized``, so it still takes [0, 1] (``dm-wrn-D-W`` normalises by itself, as
+RobustBench's DMWideResNet: ``normalize.normalized`` gives any model one normalisation, once).
 
 - ``madry``: the paper's Madry-style wide ResNet (``wrn-32-10``, ``wrn-40-2``, any ``wrn-D-W``)
   and the small CNNs of the CPU default (``small-cnn``, ``tiny-cnn``).

@@ -72,8 +72,8 @@ class OwnNormalization(nn.Module):
         stats = None if mean is None else _checked(mean, std)
         self._input_stats = stats
         device = next((p.device for p in self.parameters()), None)
-        for name, values in (("mean", None if stats is None else stats[0]), ("std", None if stats is None else stats[1])):
-            buf = None if values is None else torch.tensor(values, device=device).view(-1, 1, 1)
+        for i, name in enumerate(("mean", "std")):
+            buf = None if stats is None else torch.tensor(stats[i], device=device).view(-1, 1, 1)
             self.register_buffer(name, buf, persistent=False)
 
     def input_normalization(self) -> Stats | None:
