@@ -265,7 +265,7 @@ def run_eval(
                                           checkpoint_key)
                 used.append(f"{target.label}: {target.meta['loaded']}")
             else:
-                target = source.load(splits)
+                target = source.load(splits, progress=progress)
                 used.append(f"{target.label}: {source.describe()}")
             model = runtime.maybe_compile(runtime.prepare(target.model))
             target = dataclasses.replace(target, model=model)

@@ -118,10 +118,11 @@ class Source:
     run_dir: Path | None = None
     entry: Any = None  # robench.zoo.Entry
 
-    def load(self, splits: Splits) -> Target:
+    def load(self, splits: Splits, progress: bool = True) -> Target:
         """The checkpoint, once it is known to fit ``splits``: a model trained on one folder of
-        images is refused on a folder with other classes or another image size."""
-        target = target_from_run(self.run_dir) if self.entry is None else target_from_zoo(self.entry)
+        images is refused on a folder with other classes or another image size. ``progress``:
+        a zoo file's download bar."""
+        target = target_from_run(self.run_dir) if self.entry is None else target_from_zoo(self.entry, progress)
         check_fits(target.meta, splits, self.describe())
         return target
 
@@ -146,12 +147,12 @@ def check_fits(meta: dict[str, Any], splits: Splits, what: str) -> None:
                         f"{splits.name} data has {found}")
 
 
-def target_from_zoo(entry: Any) -> Target:
+def target_from_zoo(entry: Any, progress: bool = True) -> Target:
     """A zoo entry's checkpoint: the shipped file, or the cached one (downloaded and verified
     first when missing). The sha256 is checked before the weights are used."""
     from robench import zoo
 
-    path = zoo.local_path(entry, fetch=True)
+    path = zoo.local_path(entry, fetch=True, progress=progress)
     model = build_model(entry.arch, entry.in_channels, entry.num_classes)
     checkpoint.load_into(model, checkpoint.load_weights(path), path, entry.arch)
     if entry.mean is not None:
