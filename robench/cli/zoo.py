@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import stat
 import sys
 from pathlib import Path
 
@@ -39,9 +41,12 @@ def _where(entry) -> str:
     from robench.zoo.cache import partial_path, where
 
     found = where(entry)
-    part = partial_path(entry)
-    if found == "remote" and part.is_file():
-        return f"remote ({100 * part.stat().st_size / entry.size:.0f}% fetched)"
+    try:
+        st = os.lstat(partial_path(entry))  # never through a link
+    except OSError:
+        return found
+    if found == "remote" and stat.S_ISREG(st.st_mode):
+        return f"remote ({100 * st.st_size / entry.size:.0f}% fetched)"
     return found
 
 
@@ -103,23 +108,32 @@ def show(name, as_json, manifests):
 @click.option("--progress/--no-progress", default=True, show_default=True)
 @manifest_option
 def fetch(names, progress, manifests):
-    """Download entries into the cache (resumes a broken-off download; installs only a verified file)."""
-    from robench.zoo import fetch as download
-    from robench.zoo import get, verify
+    """Download entries into the cache (resumes a broken-off download; installs only a verified
+    file). An entry that fails is named, and the others are still fetched."""
+    from robench.zoo import get
+    from robench.zoo.download import HOW, obtain
 
     chosen = [get(n, manifests) for n in dict.fromkeys(names)]
+    failed = []
     for e in chosen:
-        had = verify(e) == "ok"
-        path = download(e, progress=progress)
-        click.echo(f"{e.name}: {'already there' if had else 'fetched and verified'}: {path}")
+        try:
+            path, how = obtain(e, progress=progress)
+        except UserError as err:
+            failed.append(f"{e.name}: {err}")
+            continue
+        click.echo(f"{e.name}: {HOW[how]}: {path}")
+    if failed:
+        raise UserError(("; ".join(failed) if len(failed) == 1 else
+                         f"{len(failed)} of {len(chosen)} entries failed: " + "; ".join(failed)))
 
 
 @zoo.command()
 @click.argument("names", nargs=-1)
 @manifest_option
 def verify(names, manifests):
-    """Re-hash the local copies (all entries, or NAMES): ok, missing or corrupt. Exit code 1 when a
-    copy is corrupt or a shipped file is missing."""
+    """Re-hash the local copies (all entries, or NAMES): ok, missing, corrupt or link (a symbolic
+    link in the cache, never read). Exit code 1 when a copy is corrupt or a link, or a shipped
+    file is missing."""
     from robench.zoo import cached_path, entries, get, shipped_path
     from robench.zoo import verify as check
 
@@ -132,7 +146,9 @@ def verify(names, manifests):
             continue
         bad += state != "ok"
         hint = ""
-        if state != "ok":
+        if state == "link":
+            hint = f"; robench never reads a link in its cache: remove it, then robench zoo fetch {e.name}"
+        elif state != "ok":
             hint = "; reinstall robench" if e.shipped else f"; fetch it again with: robench zoo fetch {e.name}"
         path = shipped_path(e) if e.shipped else cached_path(e)
         click.echo(f"{e.name}: {state} ({'shipped' if e.shipped else 'cached'} {path}){hint}")

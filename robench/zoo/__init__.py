@@ -5,11 +5,11 @@
 run into an entry and an entry into RobustBench model info.
 """
 
-from robench.zoo.cache import cache_dir, cached_path, local_path, shipped_path, verify, where
-from robench.zoo.download import FetchError, fetch
+from robench.zoo.cache import CacheError, cache_dir, cached_path, local_path, shipped_path, verify, where
+from robench.zoo.download import FetchError, fetch, obtain
 from robench.zoo.manifest import Entry, entries, find, get, read_manifest, write_manifest
 from robench.zoo.publish import entry_from_run, results_for, robustbench_info
 
-__all__ = ["Entry", "FetchError", "cache_dir", "cached_path", "entries", "entry_from_run", "fetch", "find", "get",
-           "local_path", "read_manifest", "results_for", "robustbench_info", "shipped_path", "verify", "where",
+__all__ = ["CacheError", "Entry", "FetchError", "cache_dir", "cached_path", "entries", "entry_from_run", "fetch",
+           "find", "get", "local_path", "obtain", "read_manifest", "results_for", "robustbench_info", "shipped_path", "verify", "where",
            "write_manifest"]

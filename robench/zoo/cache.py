@@ -1,18 +1,31 @@
-"""Where zoo checkpoints lie on this machine, and whether each local copy is the published file."""
+"""Where zoo checkpoints lie on this machine, and whether each local copy is the published file.
+
+The cache may be shared (a lab's ``$ROBENCH_ZOO``), so robench never reads or writes through a
+symbolic link inside it, creates its folders private to their owner (mode 0o700), writes only
+into folders of its own user, and opens every file it writes with ``O_NOFOLLOW``.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import errno
+import hashlib
 import os
+import stat
 from pathlib import Path
 from typing import Iterator
 
-from robench.checkpoint import sha256
 from robench.errors import UserError
 from robench.zoo.manifest import Entry
 
 ENV = "ROBENCH_ZOO"
 PARTIAL = "partial"
+NOFOLLOW = getattr(os, "O_NOFOLLOW", 0)  # not on Windows, which has no symlinks a user can plant freely
+_LINK = "robench never reads or writes through a link in its zoo cache"
+
+
+class CacheError(UserError):
+    """The cache cannot be used safely: a link, a folder of another user, a file that is not one."""
 
 
 def cache_dir() -> Path:
@@ -49,18 +62,63 @@ def where(entry: Entry) -> str:
     """``shipped``, ``cached`` or ``remote`` (existence only; ``verify`` checks the hash)."""
     if entry.shipped:
         return "shipped"
-    return "cached" if cached_path(entry).is_file() else "remote"
+    return "cached" if _kind(cached_path(entry)) == "file" else "remote"
+
+
+def _kind(path: Path) -> str:
+    """``missing``, ``link`` (the path or its folder inside the cache is a symbolic link), ``file``
+    (a regular file) or ``other``."""
+    try:
+        if stat.S_ISLNK(os.lstat(path.parent).st_mode):
+            return "link"
+        mode = os.lstat(path).st_mode
+    except (FileNotFoundError, NotADirectoryError):
+        return "missing"
+    return "link" if stat.S_ISLNK(mode) else "file" if stat.S_ISREG(mode) else "other"
 
 
 def verify(entry: Entry) -> str:
     """Re-hash the local copy: ``ok``, ``missing`` (not fetched, or a shipped file absent from
-    this install) or ``corrupt`` (its size or sha256 differs from the manifest's)."""
-    path = shipped_path(entry) if entry.shipped else cached_path(entry)
-    if not path.is_file():
-        return "missing"
-    if path.stat().st_size != entry.size or sha256(path) != entry.sha256:
-        return "corrupt"
-    return "ok"
+    this install), ``corrupt`` (its size or sha256 differs from the manifest's, or it is not a
+    regular file) or ``link`` (the cached copy or its folder is a symbolic link: never read)."""
+    if entry.shipped:
+        path = shipped_path(entry)
+        if not path.is_file():
+            return "missing"
+        with open(path, "rb") as f:
+            return "ok" if file_digest(f.fileno()) == (entry.size, entry.sha256) else "corrupt"
+    path = cached_path(entry)
+    kind = _kind(path)
+    if kind != "file":
+        return {"missing": "missing", "link": "link"}.get(kind, "corrupt")
+    try:
+        fd = os.open(path, os.O_RDONLY | NOFOLLOW)
+    except OSError as e:
+        if e.errno == errno.ELOOP:  # swapped for a link since
+            return "link"
+        raise CacheError(f"cannot read {path}: {e.strerror}") from None
+    try:
+        return "ok" if file_digest(fd) == (entry.size, entry.sha256) else "corrupt"
+    finally:
+        os.close(fd)
+
+
+def file_digest(fd: int) -> tuple[int, str]:
+    """(size, sha256) of an open file, read from its start."""
+    h, size = hashlib.sha256(), 0
+    os.lseek(fd, 0, os.SEEK_SET)
+    while True:
+        chunk = os.read(fd, 1 << 20)
+        if not chunk:
+            return size, h.hexdigest()
+        h.update(chunk)
+        size += len(chunk)
+
+
+def link_refusal(entry: Entry) -> CacheError:
+    path = cached_path(entry)
+    return CacheError(f"zoo entry {entry.name}: the cached copy {path} (or its folder) is a symbolic link; {_LINK}: "
+                      f"remove it, then fetch it again with: robench zoo fetch {entry.name}")
 
 
 def local_path(entry: Entry, fetch: bool = False, progress: bool = True) -> Path:
@@ -72,6 +130,8 @@ def local_path(entry: Entry, fetch: bool = False, progress: bool = True) -> Path
         return path
     if entry.shipped:
         raise UserError(f"zoo entry {entry.name}: the shipped file {path} is {state}; reinstall robench")
+    if state == "link":
+        raise link_refusal(entry)
     if state == "corrupt":
         raise UserError(f"zoo entry {entry.name}: the cached copy {path} is corrupted (its sha256 is not "
                         f"{entry.sha256[:12]}...); fetch it again with: robench zoo fetch {entry.name}")
@@ -82,22 +142,79 @@ def local_path(entry: Entry, fetch: bool = False, progress: bool = True) -> Path
     return download(entry, progress=progress)
 
 
+def private_dir(path: Path) -> Path:
+    """``path``, the cache or a folder in it, as a folder of this user's: created (mode 0o700)
+    when missing. A folder in the cache that is a link, anything not a folder, or a folder
+    owned by another user is refused. (The cache itself may be a link to a folder of one's own.)"""
+    root = cache_dir()
+    if path != root:
+        private_dir(root)
+    else:
+        _mkdir(root.parent, parents=True)
+    _mkdir(path)
+    try:
+        st = os.stat(path) if path == root else os.lstat(path)
+    except OSError as e:
+        raise CacheError(f"cannot use the zoo cache folder {path}: {e.strerror}") from None
+    if stat.S_ISLNK(st.st_mode):
+        raise CacheError(f"the zoo cache folder {path} is a symbolic link; {_LINK}: remove it")
+    if not stat.S_ISDIR(st.st_mode):
+        raise CacheError(f"the zoo cache folder {path} is not a folder; remove it or set ${ENV} elsewhere")
+    if hasattr(os, "getuid") and st.st_uid != os.getuid():
+        raise CacheError(f"the zoo cache folder {path} belongs to another user (uid {st.st_uid}); robench writes only "
+                         f"into folders of its own user: set ${ENV} to a folder of yours")
+    return path
+
+
+def _mkdir(path: Path, parents: bool = False) -> None:
+    try:
+        if parents:
+            path.mkdir(parents=True, exist_ok=True)
+        else:
+            os.mkdir(path, 0o700)
+    except FileExistsError:
+        pass
+    except OSError as e:
+        raise CacheError(f"cannot create the zoo cache folder {path}: {e.strerror}; set ${ENV} to a folder "
+                         f"you can write") from None
+
+
+def open_private(path: Path, flags: int, what: str) -> int:
+    """``os.open`` of a file in a checked cache folder, never through a link; a file that is not a
+    regular file (a folder, a FIFO) is refused."""
+    try:
+        fd = os.open(path, flags | NOFOLLOW, 0o600)
+    except OSError as e:
+        if os.path.islink(path):
+            raise CacheError(f"the {what} {path} is a symbolic link; {_LINK}: remove it") from None
+        if os.path.isdir(path):
+            raise CacheError(f"the {what} {path} is a folder, not a file: it can never complete; remove it") from None
+        raise CacheError(f"cannot open the {what} {path}: {e.strerror}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        if stat.S_ISDIR(mode):
+            raise CacheError(f"the {what} {path} is a folder, not a file: it can never complete; remove it")
+        raise CacheError(f"the {what} {path} is not a regular file; remove it")
+    return fd
+
+
 @contextlib.contextmanager
 def locked(entry: Entry) -> Iterator[None]:
     """Hold the entry's download lock: one process at a time writes its partial file. The lock
     file goes when released; a waiter that locked a file since removed locks afresh."""
+    path = partial_path(entry).with_suffix(".lock")
+    private_dir(path.parent)
     try:
         import fcntl
     except ImportError:  # no flock (Windows): one fetch at a time is the user's care
         yield
         return
-    path = partial_path(entry).with_suffix(".lock")
-    path.parent.mkdir(parents=True, exist_ok=True)
     while True:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = open_private(path, os.O_RDWR | os.O_CREAT, "download lock")
         fcntl.flock(fd, fcntl.LOCK_EX)
         try:
-            if os.fstat(fd).st_ino == os.stat(path).st_ino:
+            if os.fstat(fd).st_ino == os.lstat(path).st_ino:
                 break
         except FileNotFoundError:
             pass
