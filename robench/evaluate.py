@@ -62,18 +62,21 @@ def evaluate(
     progress: bool = True,
     dist: Dist = Dist(),
     data: str | None = None,
+    split: str = "test",
 ) -> Row | None:
     """Evaluate one target under one attack (``None``: clean) on the first ``n`` test images.
 
     Returns the stored row (cached rows are returned as they are). Under torchrun each rank takes
     every ``world``-th batch and stores it; rank 0 then assembles and stores the row, the other
     ranks return None. ``data``: the test split's digest, if the caller computed it already.
+    ``split``: what the key calls the images in ``splits.x_test`` ("test"; an experiment also
+    evaluates its training and held-out images this way, as "train" and "val").
     """
     if n > len(splits.x_test):
         raise UserError(f"--n {n} is larger than the {splits.name} test set ({len(splits.x_test)} images)")
     if n <= 0 or batch_size <= 0:
         raise UserError("--n and --batch-size must be positive")
-    examples = Examples("test", 0, n, data or split_digest(splits.x_test, splits.y_test))
+    examples = Examples(split, 0, n, data or split_digest(splits.x_test, splits.y_test))
     key = Key.make(target.sha256, target.dataset, examples, "attack", attack_name,
                    attack.params() if attack is not None else {})
     dist.barrier()  # all ranks see the same stored state before rank 0 may write the row

@@ -35,7 +35,7 @@ from robench.data import Splits, load_dataset
 from robench.errors import UserError
 from robench.runtime import Runtime, model_mode
 from robench.store import Examples, Key, Row, Store, mean_ci, now, split_digest
-from robench.targets import find_sources
+from robench.targets import Target, find_sources
 
 
 def _channels(x: torch.Tensor) -> int:
@@ -216,20 +216,30 @@ def run_sensitivity(defenses: list[str], workdir: Path, runtime: Runtime, datase
             ds = source.dataset
             data = splits if splits is not None and splits.name == ds else load_dataset(ds, data_dir)
             count = _check_n(n, len(data.x_test), ds)
-            target = source.load(data)
-            model = runtime.prepare(target.model).eval()
-            x, y = runtime.batch(data.x_test[:count]), data.y_test[:count].to(runtime.device)
-            examples = Examples("test", 0, count, split_digest(data.x_test, data.y_test))
-            todo = [(name, float(v)) for name, values in points.items() for v in values]
-            for name, value in tqdm(todo, desc=f"{target.label}: sensitivity", leave=False,
-                                    disable=not progress):
-                key = Key.make(target.sha256, ds, examples, "sensitivity", name, {"value": value})
-                row = store.get(key)
-                if row is None:
-                    t0 = time.perf_counter()
-                    norms = loss_sensitivity(model, x, y, name, value, batch_size).numpy().astype(np.float32)
-                    row = Row(key, target.label, float(norms.mean(dtype=np.float64)), mean_ci(norms), norms,
-                              time.perf_counter() - t0, checkpoint.versions(), str(runtime.device), now())
-                    store.put(row)
-                rows.append(row)
+            rows += measure(source.load(data), data, count, store, runtime, points, batch_size, progress)
+    return rows
+
+
+def measure(target: Target, data: Splits, count: int, store: Store, runtime: Runtime,
+            points: dict[str, list[float]] | None = None, batch_size: int = 256, progress: bool = True,
+            digest: str | None = None) -> list[Row]:
+    """The loss sensitivity of one target at ``points`` (default: the paper's) on the first
+    ``count`` images of ``data.x_test``; stored rows are reused. ``digest``: the split's digest,
+    if the caller computed it already."""
+    points = points or {name: list(values) for name, values in PAPER_POINTS.items()}
+    model = runtime.prepare(target.model).eval()
+    x, y = runtime.batch(data.x_test[:count]), data.y_test[:count].to(runtime.device)
+    examples = Examples("test", 0, count, digest or split_digest(data.x_test, data.y_test))
+    todo = [(name, float(v)) for name, values in points.items() for v in values]
+    rows = []
+    for name, value in tqdm(todo, desc=f"{target.label}: sensitivity", leave=False, disable=not progress):
+        key = Key.make(target.sha256, data.name, examples, "sensitivity", name, {"value": value})
+        row = store.get(key)
+        if row is None:
+            t0 = time.perf_counter()
+            norms = loss_sensitivity(model, x, y, name, value, batch_size).numpy().astype(np.float32)
+            row = Row(key, target.label, float(norms.mean(dtype=np.float64)), mean_ci(norms), norms,
+                      time.perf_counter() - t0, checkpoint.versions(), str(runtime.device), now())
+            store.put(row)
+        rows.append(row)
     return rows

@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from robench.cli import analysis, evaluation, reporting, training, zoo
+from robench.cli import analysis, evaluation, experiment, reporting, training, zoo
 from robench.cli.options import Command, is_list_option
 from robench.errors import UserError
 
@@ -57,7 +57,7 @@ def cli() -> None:
     """Train and benchmark robust image classifiers (RLFAT, ICLR 2020)."""
 
 
-for _module in (training, evaluation, reporting, zoo, analysis):
+for _module in (training, evaluation, reporting, zoo, analysis, experiment):
     for _command in _module.COMMANDS:
         cli.add_command(_command)
 
