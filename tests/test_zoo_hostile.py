@@ -413,3 +413,19 @@ def test_eval_no_progress_draws_no_download_bar(server, cache, tmp_path, monkeyp
                 "--workdir", tmp_path / "wd"])
     assert r.exit_code == 0, r.output
     assert shown == [True] and zoo.verify(entry) == "ok"
+
+
+def test_an_unreadable_cache_folder_is_one_line(server, weights, cache, monkeypatch):
+    """Another user's private cache (mode 0o700) cannot even be looked into: one line, no traceback."""
+    e = make_entry(weights, [server.url("good")])
+    real = os.lstat
+
+    def lstat(path, *a, **kw):
+        if str(path).startswith(str(cache)):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+        return real(path, *a, **kw)
+
+    monkeypatch.setattr(os, "lstat", lstat)
+    with pytest.raises(zoo.CacheError, match="cannot read the zoo cache at .*Permission denied") as err:
+        zoo.verify(e)
+    one_line(err)

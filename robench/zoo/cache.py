@@ -74,6 +74,9 @@ def _kind(path: Path) -> str:
         mode = os.lstat(path).st_mode
     except (FileNotFoundError, NotADirectoryError):
         return "missing"
+    except OSError as e:  # a cache folder of another user's, private to them
+        raise CacheError(f"cannot read the zoo cache at {path}: {e.strerror}; set ${ENV} to a folder of "
+                         f"yours") from None
     return "link" if stat.S_ISLNK(mode) else "file" if stat.S_ISREG(mode) else "other"
 
 
