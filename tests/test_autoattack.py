@@ -17,6 +17,8 @@ from robench.config import DATASET_DEFAULTS
 from robench.errors import UserError
 from robench.registry import ATTACKS
 
+from bounds import FALSE_ALARM, count, fewest, most, paired_p_greater
+
 CHEAP = dict(version="custom", attacks=("apgd-ce",))
 
 
@@ -35,13 +37,15 @@ def mlp(digits):
     model.eval()
     with torch.no_grad():
         right = model(digits.x_test).argmax(1) == digits.y_test
-    assert right.float().mean() > 0.85
+    # Claim: this MLP gets at least 90% of the 360 test images right (94.7% under every
+    # ATEN_CPU_CAPABILITY here); binomial bound at FALSE_ALARM (tests/bounds.py).
+    assert count(right) >= fewest(len(right), 0.9), count(right)
     return model, digits.x_test[right][:40], digits.y_test[right][:40]
 
 
-def _accuracy(model, x, y) -> float:
+def _right(model, x, y) -> torch.Tensor:
     with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
+        return model(x).argmax(1) == y
 
 
 def _assert_in_ball(x_adv, x, eps):
@@ -85,7 +89,8 @@ def test_breaks_undefended_model_inside_ball(mlp, attacks):
     eps = 0.3
     x_adv = AutoAttack(eps=eps, version="custom", attacks=attacks)(model, x, y)
     _assert_in_ball(x_adv, x, eps)
-    assert _accuracy(model, x_adv, y) <= 0.05
+    # Claim: at eps 0.3 at most 1% of these images survive (none do here); binomial bound.
+    assert count(_right(model, x_adv, y)) <= most(len(y), 0.01)
 
 
 def test_small_eps_stays_inside_ball_and_is_deterministic(mlp):
@@ -172,9 +177,14 @@ def test_standard_version_small(mlp):
     attack = AutoAttack(eps=eps)
     x_adv = attack(model, x, y)
     _assert_in_ball(x_adv, x, eps)
-    # At least as strong as its first component alone.
+    # At least as strong as its first component alone. Not by construction: the custom APGD-CE
+    # runs with the reference's own restarts, the standard suite's with one. Paired one-sided
+    # test on the same images: images only APGD-CE breaks may not outnumber those only the suite
+    # breaks beyond FALSE_ALARM (tests/bounds.py).
     apgd = AutoAttack(eps=eps, **CHEAP)(model, x, y)
-    assert _accuracy(model, x_adv, y) <= _accuracy(model, apgd, y)
+    suite_right, apgd_right = _right(model, x_adv, y), _right(model, apgd, y)
+    b, c = count(suite_right & ~apgd_right), count(~suite_right & apgd_right)
+    assert paired_p_greater(b, c) >= FALSE_ALARM, (b, c)
 
 
 class Noisy(nn.Module):

@@ -18,6 +18,8 @@ from robench.models import (
 )
 from robench.registry import ARCHS
 
+from bounds import count, fewest
+
 SMALL = ["small-cnn", "tiny-cnn", "wrn-8-1"]
 
 
@@ -226,7 +228,8 @@ def test_autocast(arch):
 
 
 def test_small_cnn_learns_digits():
-    """Three epochs of plain SGD on digits give > 95% held-out accuracy."""
+    """Three epochs of plain SGD on digits give at least 95% held-out accuracy (98% here under
+    every ATEN_CPU_CAPABILITY): binomial bound on the 397 images at FALSE_ALARM (tests/bounds.py)."""
     from sklearn.datasets import load_digits
 
     torch.manual_seed(0)
@@ -247,8 +250,8 @@ def test_small_cnn_learns_digits():
             opt.step()
     model.eval()
     with torch.no_grad():
-        acc = (model(X[te]).argmax(1) == Y[te]).float().mean().item()
-    assert acc > 0.95
+        right = model(X[te]).argmax(1) == Y[te]
+    assert count(right) >= fewest(len(te), 0.95), count(right)
 
 
 # The RobustBench architectures (robench.models.external), at small sizes where they have one;
