@@ -18,6 +18,8 @@ from robench.registry import ATTACKS
 from robench.store import Store
 from robench.runtime import Runtime
 
+from bounds import count, fewest, most
+
 CPU = Runtime.create("cpu")
 N = 40
 # Cheap settings of every attack; AutoAttack with a small group so that batch boundaries at 7
@@ -57,8 +59,13 @@ def test_outcomes_do_not_depend_on_the_batch_size(trained_workdir, tmp_path):
         assert a.key == b.key == c.key  # the batch size is not part of what was measured
         np.testing.assert_array_equal(a.outcomes, b.outcomes, err_msg=name)
         np.testing.assert_array_equal(a.outcomes, c.outcomes, err_msg=name)
-    # the attacks do something here, so equality is not trivially all-ones or all-zeros
-    assert 0 < stored[7]["pgd"].value < stored[7]["clean"].value
+    # The attacks do something here, so equality is not trivially all-ones or all-zeros. Claims,
+    # with binomial bounds at FALSE_ALARM (tests/bounds.py): PGD leaves between 30% and 70% of the
+    # 40 right (14 here under every ATEN_CPU_CAPABILITY), hence some but not all; and it breaks at
+    # least 30% of them, counted as images right clean and wrong under attack (23), hence some.
+    clean, pgd = (stored[7][name].outcomes > 0.5 for name in ("clean", "pgd"))
+    assert 0 < fewest(N, 0.3) <= count(pgd) <= most(N, 0.7) < N, count(pgd)
+    assert count(clean & ~pgd) >= fewest(N, 0.3) > 0, (count(clean), count(pgd))
 
 
 def test_resume_with_another_batch_size_stores_the_uninterrupted_outcomes(trained_workdir, tmp_path, monkeypatch):
@@ -154,7 +161,10 @@ def test_counter_based_uniform_is_per_example_and_uniform():
 def test_third_party_attacks_run_on_channels_last_models(name, overrides):
     """The runtime prepares models channels_last (CPU and CUDA), whose input gradients come back
     channels_last; AutoAttack and torchattacks flatten them with .view, which used to fail on RGB
-    images. They run, and break the same images as on the model in the default layout."""
+    images. They run, and break the same images as on the model in the default layout, up to
+    rounding: the layouts' kernels round differently, which can move a borderline image. Claim:
+    at most 1% of the outcomes differ (none of 16 here under every ATEN_CPU_CAPABILITY); binomial
+    bound at FALSE_ALARM (tests/bounds.py)."""
     torch.manual_seed(0)
     model = build_model("tiny-cnn", 3, 10).eval()
     x, y = torch.rand(16, 3, 32, 32), torch.randint(0, 10, (16,))
@@ -166,4 +176,4 @@ def test_third_party_attacks_run_on_channels_last_models(name, overrides):
         x_adv = attack(net, inputs, y, torch.arange(16))
         with torch.no_grad():
             runs[layout] = net(x_adv).argmax(1) == y
-    assert (runs["default"] == runs["channels_last"]).float().mean() >= 0.9, runs
+    assert count(runs["default"] != runs["channels_last"]) <= most(16, 0.01), runs

@@ -21,16 +21,13 @@ from robench.targets import target_from_run
 from robench.threat import L2Ball, cross_entropy_objective, pgd
 from robench.workdir import find_run
 
+from bounds import FALSE_ALARM, count, fewest, most, paired_p_greater
+
 CPU = Runtime.create("cpu")
 
 
 def model_of(workdir, defense="standard"):
     return target_from_run(find_run(workdir, defense)[0]).model.eval()
-
-
-def accuracy(model, x, y):
-    with torch.no_grad():
-        return (model(x).argmax(1) == y).float().mean().item()
 
 
 def assert_in_l2_ball(x_adv, x, eps):
@@ -53,8 +50,10 @@ def test_pgd_and_cw_stay_in_the_l2_ball_on_digits(name, eps, trained_workdir, di
     eps = attack.eps
     assert attack.norm == "l2" and attack.step_size == eps / 4
     norms = assert_in_l2_ball(attack(model, x, y), x, eps)
-    # L2, not L-inf: a perturbation the size of the ball, spread over many pixels
-    assert norms.max().item() > 0.9 * eps
+    # L2, not L-inf: a perturbation the size of the ball, spread over many pixels. Claim: at least
+    # 80% of the examples end beyond 0.9 eps (63 or 64 of 64 here under every ATEN_CPU_CAPABILITY);
+    # binomial bound at FALSE_ALARM (tests/bounds.py).
+    assert count(norms > 0.9 * eps) >= fewest(len(x), 0.8), norms
 
 
 @pytest.mark.parametrize("name", ["pgd", "cw"])
@@ -113,16 +112,27 @@ def test_the_l2_random_start_is_per_example_and_uniform_in_the_ball():
 
 
 def test_robust_accuracy_falls_as_the_l2_radius_grows(runs_copy):
+    """Machine-bound counts on the 360 test images, so each comparison has its bound at FALSE_ALARM
+    (tests/bounds.py). Each radius's attack has its own steps and start, so a larger radius is
+    not stronger image by image; the claim is that it is not weaker: paired one-sided McNemar
+    between neighbouring radii. The fall over the curve: claims of at least 75% right at 0.25
+    (313-324 here under the three ATEN_CPU_CAPABILITY settings) and at most 40% at 1.0 (3 and
+    90-96), whose bounds do not overlap. The undefended model at digits' L2 default: at most 2%
+    (3 images)."""
     radii = [0.25, 0.5, 0.75, 1.0]
     report = run_eval(["standard", "pgdat"], ["pgd"], runs_copy, CPU, eps_list=radii,
                       overrides={"pgd": {"norm": "l2"}}, progress=False)
     for defense in ("standard", "pgdat"):
-        acc = [e.row.value for e in report.entries if e.label == defense and e.attack == "pgd"]
-        assert len(acc) == len(radii)
-        assert all(b <= a for a, b in zip(acc, acc[1:])), (defense, acc)
-        assert acc[-1] < acc[0], (defense, acc)
-    at_default = {e.label: e.row.value for e in report.entries if e.attack == "pgd" and e.eps == 1.0}
-    assert at_default["standard"] <= 0.05  # digits' L2 default: an undefended model falls to ~0
+        right = [e.row.outcomes > 0.5 for e in report.entries if e.label == defense and e.attack == "pgd"]
+        assert len(right) == len(radii)
+        n = len(right[0])
+        for smaller, larger in zip(right, right[1:]):
+            b, c = count(larger & ~smaller), count(smaller & ~larger)
+            assert paired_p_greater(b, c) >= FALSE_ALARM, (defense, [count(r) for r in right], b, c)
+        assert count(right[0]) >= fewest(n, 0.75) > most(n, 0.4) >= count(right[-1]), (defense, [count(r) for r in right])
+    at_default = {e.label: e.row for e in report.entries if e.attack == "pgd" and e.eps == 1.0}
+    standard = at_default["standard"].outcomes > 0.5
+    assert count(standard) <= most(len(standard), 0.02)  # digits' L2 default: an undefended model falls to ~0
 
 
 def test_the_norm_is_in_the_result_key(runs_copy):
@@ -134,9 +144,11 @@ def test_the_norm_is_in_the_result_key(runs_copy):
     assert sorted(json.loads(r.key.params)["norm"] for r in rows) == ["l2", "linf"]
     assert {json.loads(r.key.params)["eps"] for r in rows} == {0.5}
     assert len({r.key for r in rows}) == 2
-    # The L-inf attack at 0.5 leaves nothing, the L2 one (a much smaller ball) a good part
-    by_norm = {json.loads(r.key.params)["norm"]: r.value for r in rows}
-    assert by_norm["linf"] < by_norm["l2"]
+    # The L-inf attack at 0.5 leaves nothing, the L2 one (a much smaller ball) a good part.
+    # Claims with binomial bounds at FALSE_ALARM on the 50 images (tests/bounds.py): at most 1%
+    # (none here under every ATEN_CPU_CAPABILITY) and at least 45% (30), which do not overlap.
+    right = {json.loads(r.key.params)["norm"]: count(r.outcomes > 0.5) for r in rows}
+    assert right["linf"] <= most(50, 0.01) < fewest(50, 0.45) <= right["l2"], right
 
 
 def test_autoattack_l2_stays_in_the_l2_ball(trained_workdir, digits):
@@ -147,7 +159,16 @@ def test_autoattack_l2_stays_in_the_l2_ball(trained_workdir, digits):
     json.dumps(attack.params())
     x_adv = attack(model, x, y)
     assert_in_l2_ball(x_adv, x, attack.eps)
-    assert accuracy(model, x_adv, y) < accuracy(model, x, y)
+    # The reference attacks only the images the model gets right and returns the others as they
+    # are, so what is right under attack was right before (exactly). Claims, with binomial bounds
+    # at FALSE_ALARM (tests/bounds.py): the model gets at least 90% of the 24 right (23 here under
+    # every ATEN_CPU_CAPABILITY), and the attack breaks at least 80% of those (all 23); together
+    # at least one image.
+    with torch.no_grad():
+        clean, adv = model(x).argmax(1) == y, model(x_adv).argmax(1) == y
+    assert not (adv & ~clean).any()
+    assert count(clean) >= fewest(len(y), 0.9), count(clean)
+    assert count(clean & ~adv) >= fewest(count(clean), 0.8) >= 1, (count(clean), count(adv))
 
 
 def test_autoattack_l2_projects_reference_rounding(trained_workdir, digits, monkeypatch):
