@@ -4,13 +4,30 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN = $(VENV)/bin
 
-.PHONY: demo test bench clean
+.PHONY: demo test test-kernels bench clean
 
 demo: $(VENV)/.installed
 	$(BIN)/robench demo
 
 test: $(VENV)/.installed-test
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
+
+# The same suite on PyTorch's portable CPU kernels (ATEN_CPU_CAPABILITY=default) instead of the
+# machine's own (AVX2, AVX-512): they round differently in the last bits, as another processor
+# does, so a test whose tolerance only this machine's numbers meet fails here, not on a user's
+# machine. .ci/run runs it after `make test`. KERNELS=avx2 (say) picks another setting; torch must
+# take it (it ignores names it does not know) and it must not be the native one.
+KERNELS ?= default
+CAPABILITY = $(BIN)/python -c "import torch; print(torch.backends.cpu.get_cpu_capability())"
+
+test-kernels: $(VENV)/.installed-test
+	@native=$$(env -u ATEN_CPU_CAPABILITY $(CAPABILITY)); got=$$(ATEN_CPU_CAPABILITY=$(KERNELS) $(CAPABILITY)); \
+	if [ "$$got" != "$$(echo '$(KERNELS)' | tr a-z A-Z)" ]; then \
+		echo "error: ATEN_CPU_CAPABILITY=$(KERNELS) was not taken: torch runs $$got kernels"; exit 1; fi; \
+	if [ "$$got" = "$$native" ]; then \
+		echo "error: $$got is this machine's native kernel setting; pick another with KERNELS=..."; exit 1; fi; \
+	echo "CPU kernels: $$got (this machine's native: $$native)"
+	ATEN_CPU_CAPABILITY=$(KERNELS) OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q
 
 bench: $(VENV)/.installed-test
 	$(BIN)/python benchmarks/run_all.py
