@@ -26,7 +26,7 @@ from robench.store import Store
 from robench.targets import target_from_run
 from robench.workdir import find_run
 
-from bounds import FALSE_ALARM, count, paired_p_greater
+from bounds import FALSE_ALARM, count, fewest, paired_p_greater
 
 torchattacks = pytest.importorskip("torchattacks")
 
@@ -156,6 +156,7 @@ def test_outcomes_do_not_depend_on_the_batch_size(trained_workdir, tmp_path):
 
     attacks = ["ta.square", "ta.apgd"]
     overrides = {a: cheap(a) for a in attacks}
+    overrides["ta.square"]["n_queries"] = 100  # enough to break a good share (below)
     stored = {}
     for bs in (7, 64):
         wd = tmp_path / f"bs{bs}"
@@ -167,7 +168,12 @@ def test_outcomes_do_not_depend_on_the_batch_size(trained_workdir, tmp_path):
         a, b = stored[7][name], stored[64][name]
         assert a.key == b.key
         np.testing.assert_array_equal(a.outcomes, b.outcomes, err_msg=name)
-        assert a.value < stored[7]["clean"].value  # the attack does something here
+        # The attack does something here, so the equality is not that of untouched images. Claim:
+        # it breaks (right clean, wrong under attack) at least 30% of the 40 images (17-19 for
+        # Square, 22-23 for APGD here under every ATEN_CPU_CAPABILITY); binomial bound at
+        # FALSE_ALARM (tests/bounds.py), which is at least one image.
+        broken = count((stored[7]["clean"].outcomes > 0.5) & (a.outcomes < 0.5))
+        assert broken >= fewest(40, 0.3) >= 1, (name, broken)
 
 
 @pytest.mark.slow
