@@ -513,7 +513,8 @@ def _prefix(command: str) -> list[str]:
             "sensitivity": ["sensitivity", "--defense", "pgdat"],
             "salience": ["salience", "--defense", "pgdat"], "zoo show": ["zoo", "show", "x"],
             "zoo fetch": ["zoo", "fetch", "x"], "zoo add": ["zoo", "add", "x"],
-            "zoo export": ["zoo", "export", "x"]}.get(command, command.split())
+            "zoo export": ["zoo", "export", "x"],
+            "experiment": ["experiment", "x.toml"]}.get(command, command.split())
 
 
 def _commands(group: click.Group = cli, prefix: str = ""):

@@ -12,7 +12,7 @@ from robench.cli.options import check_out, command, path_option, workdir_option
 
 
 @command()
-@click.argument("file", type=click.Path())
+@click.argument("file")
 @workdir_option
 @path_option("--out", default=None, help="Report folder [default: the file's [report] out].")
 @click.option("--workers", type=click.IntRange(min=1), default=None,

@@ -124,9 +124,11 @@ def _eval(exp: Experiment, root: Path, chain: Chain, task: Task) -> bool:
     spec = exp.attack(task.attack)
     attack = None if spec.name == CLEAN else make_attack(spec.name, exp.data.dataset, spec.eps, spec.options)
     target = _target(root, chain, task.step)
+    runtime = _runtime(train=False)
+    target.model = runtime.prepare(target.model)
     with Store.in_workdir(layout.workdir(root, chain)) as store:
         key_rows = len(store.rows(checkpoint=target.sha256))
-        evaluate(target, view.splits, spec.name, attack, task.n, store, _runtime(train=False),
+        evaluate(target, view.splits, spec.name, attack, task.n, store, runtime,
                  batch_size=spec.batch_size, progress=False, data=view.digest, split=view.split)
         return len(store.rows(checkpoint=target.sha256)) > key_rows
 

@@ -166,17 +166,27 @@ class _Table:
 
 
 def parse_setting(text: str) -> tuple[list[str], Any]:
-    """``train.steps=10`` -> (["train", "steps"], 10): the value read as TOML (numbers, booleans,
-    quoted strings, arrays, inline tables), else kept as a bare string."""
+    """``train.steps=10`` -> (["train", "steps"], 10). The key is a TOML key, so a part may be
+    quoted (``attacks."pgd-eps0.5".n=4``); the value is a TOML value (numbers, booleans, quoted
+    strings, arrays, inline tables), and a bare word is kept as a string."""
     key, sep, value = text.partition("=")
-    parts = key.strip().split(".")
-    if not sep or not all(p.strip() for p in parts) or not value.strip():
-        raise UserError(f"--set {text!r}: expected SECTION.KEY=VALUE, e.g. --set train.steps=100")
+    usage = f"--set {text!r}: expected SECTION.KEY=VALUE, e.g. --set train.steps=100"
+    if not sep or not key.strip() or not value.strip():
+        raise UserError(usage)
     try:
-        parsed = tomllib.loads(f"v = {value.strip()}")["v"]
+        node: Any = tomllib.loads(f"{key.strip()} = 0")
     except tomllib.TOMLDecodeError:
-        parsed = value.strip()
-    return [p.strip() for p in parts], parsed
+        raise UserError(usage) from None
+    parts = []
+    while isinstance(node, dict):
+        parts.append(next(iter(node)))
+        node = node[parts[-1]]
+    for candidate in (value.strip(), '"' + value.strip().replace('"', '\\"') + '"'):
+        try:
+            return parts, tomllib.loads(f"v = {candidate}")["v"]
+        except tomllib.TOMLDecodeError:
+            continue
+    raise UserError(usage)
 
 
 def load_experiment(path: Path | str, settings: tuple[str, ...] = ()) -> Experiment:
