@@ -21,8 +21,8 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 BENCHMARKS = ["train_step.py", "pgd_speed.py", "nattack_batching.py", "autoattack_crosscheck.py", "ddp_cpu.py",
               "cpu_runtime.py"]
-# fidelity_cifar10.py takes about an hour and needs ../shared/data: run it on its own (its quick
-# mode is --smoke, tested by tests/test_fidelity_script.py).
+# fidelity_cifar10.py takes about 100 minutes and needs ../shared/data: run it on its own (it wraps
+# experiments/fidelity-cifar10.toml; tests/test_experiment.py runs it at smoke scale).
 
 
 def main(argv: list[str] | None = None) -> None:

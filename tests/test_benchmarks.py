@@ -1,7 +1,7 @@
 """The benchmark scripts keep working: each runs end to end in its ``--quick`` mode (tiny sizes,
 seconds) and writes its table, and ``benchmarks/run_all.py`` lists every one of them.
 
-fidelity_cifar10.py has its own test (tests/test_fidelity_script.py, ``--smoke``).
+fidelity_cifar10.py (a wrapper of experiments/fidelity-cifar10.toml) has its own test in tests/test_experiment.py.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "benchmarks"
 NOT_BENCHMARKS = {"common.py", "run_all.py"}
-OWN_TEST = {"fidelity_cifar10.py"}  # tests/test_fidelity_script.py
+OWN_TEST = {"fidelity_cifar10.py"}  # tests/test_experiment.py
 SCRIPTS = sorted(p.name for p in BENCH.glob("*.py") if p.name not in NOT_BENCHMARKS | OWN_TEST)
 
 # Lines each quick run's results file must contain: its tables and ratios.

@@ -221,8 +221,9 @@ def _synthetic_archive(path: Path, classes: int = 10, n_train: int = 12, n_test:
 
 
 SMOKE = {
-    # The GPU file at smoke scale on CPU: its own model, defenses, attacks and report, few steps.
-    "paper-gpu": ["train.steps=2", "train.eval_at=[1]", "train.batch_size=4", "run.device='cpu'", "run.workers=1",
+    # The GPU file at smoke scale on CPU: its defenses, attacks and report, few steps, a tiny model
+    # (PreActResNet-18 itself is tested in test_external*.py).
+    "paper-gpu": ["model.arch='tiny-cnn'", "train.steps=2", "train.eval_at=[1]", "train.batch_size=4", "run.device='cpu'", "run.workers=1",
                   "run.threads=1", "attacks.clean.n=4", "attacks.pgd.n=4", "attacks.cw.n=4", "attacks.autoattack.n=4",
                   "attacks.autoattack.options={version='custom', attacks=['apgd-ce']}", "sensitivity.n=4"],
     # The fidelity file: its variants, the N-attack and the large-eps PGD check, few steps.
@@ -246,3 +247,31 @@ def test_shipped_cifar_files_run_at_smoke_scale(name, tmp_path, monkeypatch):
     labels = [d.label for d in exp.defenses]
     assert all(f"| {label} |" in report for label in labels)
     assert all(f"--set {s}" in report for s in SMOKE[name])  # the overrides are on record
+
+
+def test_fidelity_benchmark_is_a_thin_wrapper(tmp_path):
+    """benchmarks/fidelity_cifar10.py runs experiments/fidelity-cifar10.toml, passing its arguments on."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "ROBENCH_CACHE": str(tmp_path / "cache")}
+    archive = tmp_path / "tiny.tar.gz"
+    sha = _synthetic_archive(archive, classes=10, n_train=4, n_test=2)
+    args = ["--workdir", str(tmp_path / "w"), "--out", str(tmp_path / "out"), "--no-progress",
+            "--set", f"data.archive='{archive}'", "--set", f"data.archive_sha256='{sha}'",
+            *(a for s in SMOKE["fidelity-cifar10"] for a in ("--set", s)), "--set", "report.salience_samples=0",
+            "--set", "attacks.nattack.n=1", "--set", "attacks.autoattack.n=2"]
+    r = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "fidelity_cifar10.py"), *args], cwd=ROOT, env=env,
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "# Experiment: fidelity-cifar10" in (tmp_path / "out" / "report.md").read_text()
+
+
+def test_test_order_is_class_balanced():
+    """The test order of the CIFAR experiments (robench.data.balanced_order): every prefix of 10m
+    indices holds m of each class, fixed per seed."""
+    from robench.data import balanced_order
+
+    y = np.random.default_rng(1).permutation(np.repeat(np.arange(10), 7))
+    order = balanced_order(y, 0)
+    assert sorted(order.tolist()) == list(range(len(y)))
+    for m in range(1, 8):
+        assert np.bincount(y[order[:10 * m]], minlength=10).tolist() == [m] * 10
+    assert np.array_equal(order, balanced_order(y, 0)) and not np.array_equal(order, balanced_order(y, 1))
