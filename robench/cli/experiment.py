@@ -37,11 +37,11 @@ def experiment(file, workdir, out, workers, settings, report_only, progress):
         raise UserError(f"--workdir {root} is a file, not a directory")
     out = out or exp.out
     check_out(out)
-    cmd = shlex.join(["robench", *sys.argv[1:]]) if sys.argv and "robench" in sys.argv[0] else None
+    cmd = shlex.join(["robench", *sys.argv[1:]]) if sys.argv and sys.argv[1:2] == ["experiment"] else None
     if report_only:
         if not root.is_dir():
             raise UserError(f"nothing stored for experiment {exp.name} in {root}; run it first")
-        path = write_outputs(exp, root, out, progress, cmd)
+        path = write_outputs(exp, root, out, progress)  # the report names the command that ran
     else:
         path = run_experiment(exp, root, out, workers, progress, cmd)
     click.echo(f"wrote {path}")

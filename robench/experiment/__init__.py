@@ -18,7 +18,7 @@ def run_experiment(exp: Experiment, root: Path, out: Path | None = None, workers
     from robench.experiment.runner import execute
 
     prepare(exp)  # refuses bad data settings before any work, and decodes a folder once into its cache
-    execute(exp, root, workers, progress)
+    execute(exp, root, workers, progress, command)
     return write_outputs(exp, root, out, progress, command)
 
 

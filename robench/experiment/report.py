@@ -41,6 +41,7 @@ def header(exp: Experiment, root: Path, command: str | None) -> list[str]:
     d = exp.data
     timings = json.loads((root / "timings.json").read_text()) if (root / "timings.json").exists() else {}
     env = json.loads((root / "env.json").read_text()) if (root / "env.json").exists() else {}
+    command = command or env.get("command")
     schedule = (f"{exp.epochs} epochs of {d.n_train} images ({exp.steps} steps of batch {exp.batch_size})"
                 if exp.epochs else f"{exp.steps} steps of batch {exp.batch_size}")
     stages = ", ".join(_when(exp, s) for s in exp.stages)
@@ -87,7 +88,8 @@ def section_final(exp: Experiment, results: list[ChainResults], which: str) -> l
     if not body:
         return []
     title = "final stage" if which == "final" else "best stage (chosen on the held-out images)"
-    return [f"## Test accuracy at the {title}", "", "Accuracy %, 95% Wilson intervals.", "",
+    return [f"## Test accuracy at the {title}", "",
+            "Accuracy %, 95% Wilson intervals; — : not measured (yet).", "",
             *md_table(["defense", "epoch (step)" if exp.epochs else "step", *(labels.get(a, a) for a in names)], body)]
 
 
@@ -126,7 +128,8 @@ def section_gap(exp: Experiment, results: list[ChainResults], out: Path) -> list
 
 
 def section_overfitting(exp: Experiment, results: list[ChainResults]) -> list[str]:
-    attack = _gap_attack(exp) or exp.select
+    gap = _gap_attack(exp)
+    attack = gap or exp.select
     body = []
     for r in results:
         best, final = r.stages.get(r.best), r.stages.get(exp.steps)
@@ -137,19 +140,24 @@ def section_overfitting(exp: Experiment, results: list[ChainResults]) -> list[st
         body.append([r.chain.label, _when(exp, r.best), "—" if rb is None else f"{100 * rb.value:.1f}",
                      "—" if rf is None else f"{100 * rf.value:.1f}",
                      "—" if stats is None else f"{diff_text(stats)} (p {p_text(stats.p)})",
-                     _pct(best.gap(attack)), _pct(final.gap(attack))])
+                     *((_pct(best.gap(attack)), _pct(final.gap(attack))) if gap else ())])
     if not body:
         return []
     label = column_labels().get(attack, attack)
+    chosen = (f"chosen by {exp.select} accuracy on {exp.data.n_val} held-out training images, so the test numbers "
+              "carry no selection bias" if exp.data.n_val else
+              f"chosen by test {exp.select} accuracy itself (the file holds no images out), so its test accuracy is "
+              "optimistic")
     return ["## Robust overfitting: best stage against final stage", "",
-            f"Test {label} accuracy at the best stage and at the end; final − best is paired on the same test "
-            "images (Newcombe interval, exact McNemar p). A clearly negative value is robust overfitting.", "",
+            f"Test {label} accuracy at the best stage ({chosen}) and at the end; final − best is paired on the same "
+            "test images (Newcombe interval, exact McNemar p). A clearly negative value is robust overfitting.", "",
             *md_table(["defense", "best stage", f"test {label} best", f"test {label} final", "final − best [95%]",
-                       "gap at best", "gap at final"], body)]
+                       *(("gap at best", "gap at final") if gap else ())], body)]
 
 
 def section_pairs(exp: Experiment, results: list[ChainResults]) -> list[str]:
-    attack = _gap_attack(exp) or exp.select
+    gap = _gap_attack(exp)
+    attack = gap or exp.select
     by = {r.chain.label: r for r in results}
     label = column_labels().get(attack, attack)
     body = []
@@ -167,21 +175,23 @@ def section_pairs(exp: Experiment, results: list[ChainResults]) -> list[str]:
             marks += ["final"] if step == exp.steps else []
             body.append([f"{a} − {b}", _when(exp, step) + (f" ({', '.join(marks)})" if marks else ""),
                          "—" if stats is None else diff_text(stats), "—" if stats is None else p_text(stats.p),
-                         _pct(gap_difference(sa, sb, attack))])
+                         *((_pct(gap_difference(sa, sb, attack)),) if gap else ())])
         best_a, best_b = ra.stages.get(ra.best), rb.stages.get(rb.best)
         if best_a is not None and best_b is not None:
             ta, tb = best_a.acc("test", attack), best_b.acc("test", attack)
             stats = paired_rows(ta, tb) if ta is not None and tb is not None else None
             body.append([f"{a} − {b}", "each at its best stage", "—" if stats is None else diff_text(stats),
-                         "—" if stats is None else p_text(stats.p), _pct(gap_difference(best_a, best_b, attack))])
+                         "—" if stats is None else p_text(stats.p),
+                         *((_pct(gap_difference(best_a, best_b, attack)),) if gap else ())])
     if not body:
         return []
+    gap_text = (" and in the generalization gap (train − test; paired train difference minus paired test "
+                "difference, 95% interval). A negative gap difference means a narrows the gap" if gap else "")
     return ["## The file's pairs", "",
-            f"a − b in test {label} accuracy (paired on the same test images: Newcombe interval, exact McNemar p) "
-            "and in the generalization gap (train − test; paired train difference minus paired test difference, "
-            "95% interval). A negative gap difference means a narrows the gap.", "",
+            f"a − b in test {label} accuracy (paired on the same test images: Newcombe interval, exact McNemar "
+            f"p){gap_text}.", "",
             *md_table(["pair", "epoch (step)" if exp.epochs else "step", f"Δ test {label} [95%]", "McNemar p",
-                       "Δ gap [95%]"], body)]
+                       *(("Δ gap [95%]",) if gap else ())], body)]
 
 
 def section_sensitivity(exp: Experiment, results: list[ChainResults]) -> list[str]:
@@ -196,6 +206,35 @@ def section_sensitivity(exp: Experiment, results: list[ChainResults]) -> list[st
     return ["## Loss sensitivity at the final stage", "",
             f"l = mean ‖∇ₓ CE‖₂ at the shifted test image (paper Table 2), on {exp.sensitivity_n} images; lower is "
             "smoother.", "", *md_table(["defense", *(f"l {p}" for p in points)], body)]
+
+
+def section_missing(exp: Experiment, results: list[ChainResults]) -> list[str]:
+    """What the file asks for and the store does not hold yet (a run stopped early, or running)."""
+    from robench.experiment.runner import EVAL, deep_tasks, stage_tasks
+
+    missing: dict[str, list[str]] = {}
+    for i, r in enumerate(results):
+        planned = [t for step in exp.stages for t in stage_tasks(exp, i, step)]
+        planned += deep_tasks(exp, i, r.best) if r.best is not None else []
+        for step in exp.stages:
+            if step not in r.stages:
+                missing.setdefault(f"stage {_when(exp, step)} not trained", []).append(r.chain.label)
+        for t in planned:
+            stage = r.stages.get(t.step)
+            if stage is None:
+                continue
+            key = ("sens", "brightness -0.15") if t.kind != EVAL else (t.view, t.attack)
+            if stage.acc(*key) is None:
+                what = f"{t.attack} on {t.view}" if t.kind == EVAL else "sensitivity"
+                missing.setdefault(f"{what} at {_when(exp, t.step)}", []).append(r.chain.label)
+        if r.best is None and r.stages:
+            missing.setdefault("best stage (not every stage evaluated)", []).append(r.chain.label)
+    if not missing:
+        return []
+    body = [[what, ", ".join(labels)] for what, labels in missing.items()]
+    return ["## Not measured yet", "",
+            "The file asks for these and the store does not hold them; running the same command again "
+            "resumes where the run stopped.", "", *md_table(["what", "defenses"], body)]
 
 
 def section_stages(exp: Experiment, results: list[ChainResults]) -> list[str]:
@@ -216,7 +255,7 @@ def write(exp: Experiment, root: Path, out: Path, command: str | None = None) ->
              *(section_final(exp, results, "best") if exp.data.n_val else []),
              *section_gap(exp, results, out), *section_overfitting(exp, results), *section_pairs(exp, results),
              *section_sensitivity(exp, results), *paper_section(by_label, paper_key, list(exp.stages)),
-             *section_stages(exp, results)]
+             *section_missing(exp, results), *section_stages(exp, results)]
     if exp.engine_report and (root / "main" / "results.sqlite").exists():
         lines += ["## The engine's report", "",
                   "The final stage of every plain defense, as `robench report` shows it: [engine/report.md]"

@@ -226,10 +226,12 @@ class _Progress:
         self.bar.set_postfix_str(task.describe(chains)[:60])
 
 
-def execute(exp: Experiment, root: Path, workers: int | None = None, progress: bool = True) -> tuple[int, int]:
-    """Run everything the experiment file asks for; returns (tasks that did new work, tasks)."""
+def execute(exp: Experiment, root: Path, workers: int | None = None, progress: bool = True,
+            command: str | None = None) -> tuple[int, int]:
+    """Run everything the experiment file asks for; returns (tasks that did new work, tasks).
+    ``command``: how it was invoked, for the report."""
     root.mkdir(parents=True, exist_ok=True)
-    _record_env(exp, root)
+    _record_env(exp, root, command)
     workers = workers or exp.workers
     chains = layout.chains(exp)
     timings_path = root / "timings.json"
@@ -284,7 +286,7 @@ def execute(exp: Experiment, root: Path, workers: int | None = None, progress: b
     return prog.fresh, prog.done
 
 
-def _record_env(exp: Experiment, root: Path) -> None:
+def _record_env(exp: Experiment, root: Path, command: str | None) -> None:
     """Where the experiment ran (the last invocation), for the report's header."""
     import platform
 
@@ -299,5 +301,5 @@ def _record_env(exp: Experiment, root: Path) -> None:
         cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    env = {"device": name, "torch": torch.__version__, "cpu": f"{cpu}, {os.cpu_count()} cores"}
+    env = {"device": name, "torch": torch.__version__, "cpu": f"{cpu}, {os.cpu_count()} cores", "command": command}
     atomic.write_text(root / "env.json", json.dumps(env, indent=1, sort_keys=True) + "\n")
