@@ -23,7 +23,7 @@ What the official code does (JHL-HUST/RLFAT, ``cifar_10/nattack.py``; ``cifar_10
   update, so the mu left by the last ten updates is never looked at. With ``faithful=True`` we do
   exactly that; by default we also check once after the last iteration (the budget is spent, so
   its result should count).
-- The quirk DESIGN.md records: ``other = np.log(((1. - target_onehot) * outputs
+- The runner-up quirk (docs/design.md, section 7): ``other = np.log(((1. - target_onehot) * outputs
   - target_onehot * 10000.).max(1)[0] + 1e-30)``. ``.max(1)`` is numpy's max over classes, one
   value per sample, and ``[0]`` then keeps the value of sample 0 only; that scalar is broadcast
   against every sample's ``real``. So every candidate is scored against the runner-up
@@ -38,7 +38,7 @@ What the official code does (JHL-HUST/RLFAT, ``cifar_10/nattack.py``; ``cifar_10
   by ~1e-6, so in practice the search leaves such pixels alone (official behaviour, kept). On
   data with many saturated pixels (the 8x8 digits) this makes the attack markedly weaker.
 - Images the clean model already gets wrong are skipped by the official script (``continue``).
-  DESIGN.md asks otherwise: they count as broken (success with x_adv = x), using no queries.
+  robench counts them as broken instead (success with x_adv = x), using no queries.
 
 Batching: all still-active images are searched together, their b candidates each going through
 the model in one forward pass (split into chunks of at most ``chunk`` images); broken images

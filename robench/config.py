@@ -2,7 +2,7 @@
 
 Every number in ``DATASET_DEFAULTS`` cites its source. "App. A" is Appendix A of Song et al.,
 "Robust Local Features for Improving the Generalization of Adversarial Training", ICLR 2020;
-"code" is the official TensorFlow code (github.com/JHL-HUST/RLFAT) as recorded in DESIGN.md.
+"code" is the official TensorFlow code (github.com/JHL-HUST/RLFAT), as docs/design.md describes it.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Defenses live one per module under ``defenses/`` and register themselves in ``DE
 training loop is shared (``robench.train``); a defense only says
 - its settings, as dataclass fields (set with ``robench train NAME -o NAME.PARAM=VALUE``);
 - ``inner_loss``: which loss PGD maximises in training ("ce", "kl" for TRADES-style, or None);
-- ``loss(model, x, x_adv, y)``: its training objective (DESIGN.md section 2, exact forms).
+- ``loss(model, x, x_adv, y)``: its training objective (docs/design.md, section 3 "Training objectives").
 
 The bases below hold the settings several defenses share, each default in one place:
 ``AdversarialDefense`` the training attack's threat model, ``TradesKL`` the KL weight,

@@ -1,7 +1,7 @@
 """The RLFAT paper's published numbers, as plain data, to print beside ours in reports.
 
 Source: Song et al., "Robust Local Features for Improving the Generalization of Adversarial
-Training", ICLR 2020, as transcribed in DESIGN.md section 2 ("Paper numbers to show beside ours").
+Training", ICLR 2020, transcribed from the paper (docs/design.md, section 10).
 TABLE1 is the paper's accuracy table (Table 1), TABLE2 its loss-sensitivity table (Table 2).
 """
 

@@ -1,4 +1,5 @@
-"""Each defense's loss equals the DESIGN.md formula computed by hand on a fixed tiny batch."""
+"""Each defense's loss equals its formula in docs/design.md (section 3), computed by hand on a
+fixed tiny batch."""
 
 import dataclasses
 import math

@@ -19,7 +19,7 @@ official RLFAT code copies as ``{cifar_10,cifar_100,stl_10}/model_bn.py`` (JHL-H
   fc ``uniform_unit_scaling(factor=1)`` = U(-sqrt(3 / fan_in), +sqrt(3 / fan_in)), bias 0; BN
   gamma 1, beta 0. We use exactly these.
 * The model defines an L2 term on its conv and fc weights, but RLFAT trains with plain Adam and
-  no weight decay (DESIGN.md, App. A), so robench has none.
+  no weight decay (App. A; docs/design.md, section 5), so robench has none.
 
 Known, deliberate difference: for the stride-2 convs TF 'SAME' pads 0 before / 1 after an even
 input, PyTorch ``padding=1`` pads 1 on both sides. Output sizes are identical; the sampling grid is

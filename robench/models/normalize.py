@@ -1,5 +1,5 @@
 """Input normalisation owned by the model: ``Normalized(model, mean, std)`` computes
-``model((x - mean) / std)``, so attacks keep working in [0, 1] pixel space (DESIGN.md section 3).
+``model((x - mean) / std)``, so attacks keep working in [0, 1] pixel space (docs/design.md, section 6).
 
 The wrapper's mean and std are non-persistent buffers: a checkpoint is loaded into the inner
 model first and the wrapper adds no keys to match. ``NAMED_STATS`` holds the statistics
