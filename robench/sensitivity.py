@@ -1,4 +1,4 @@
-"""Loss sensitivity under brightness and gamma shifts (RLFAT, Section 5.4 / Table 3).
+"""Loss sensitivity under brightness and gamma shifts (RLFAT §4.3, Table 2).
 
 l(alpha) = mean_i ||grad_x CE(F(T(x_i)), y_i)||_2, the gradient taken at the transformed point T(x_i),
 i.e. at the input the model actually sees.
@@ -117,7 +117,7 @@ TRANSFORMS: dict[str, Callable[[torch.Tensor, float], torch.Tensor]] = {
     "gamma": gamma,
 }
 
-# The two points of the paper's Table 3: l(-0.15)/l(0.15) and l(0.8)/l(1.2).
+# The two points of the paper's Table 2: l(-0.15)/l(0.15) and l(0.8)/l(1.2).
 PAPER_POINTS: dict[str, tuple[float, float]] = {
     "brightness": (-0.15, 0.15),
     "gamma": (0.8, 1.2),

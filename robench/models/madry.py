@@ -217,7 +217,7 @@ class SmallCNN(nn.Module):
 
 @ARCHS.register("wrn-32-10")
 def wrn_32_10(in_channels: int, num_classes: int) -> nn.Module:
-    """The paper's CIFAR-10/100 model (Madry's wide ResNet, ~46.2M parameters)."""
+    """The paper's CIFAR-10/100 model (Madry's wide ResNet, 45.9M parameters)."""
     return WideResNet(in_channels, num_classes, 32, 10)
 
 
