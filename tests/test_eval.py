@@ -67,7 +67,8 @@ def test_pgd_without_random_start_is_torchattacks_pgd_image_for_image(trained_wo
       theirs: clamp(x_adv - x, -eps, eps), add x, clamp to [0, 1]) are exact in float32 and equal;
     * our loss is the sum of per-example cross-entropies, theirs the mean: on batches of 2^3 their
       input gradient is ours times 2^-3 exactly (a power of two scales every float in the backward
-      pass without rounding), so the signs, hence the steps, are the same.
+      pass without rounding, short of subnormal numbers), so the signs, hence the steps, are the
+      same.
 
     Our start is the uniform draw u in U[0, 1) mapped to x + (2u - 1) eps; pinned at u = 1/2 it is
     x itself, exactly (what torchattacks' ``random_start=False`` does), and the rest of the
