@@ -32,7 +32,7 @@ class RBSATP(RandomBlockShuffle):
 @dataclass
 class RLFATP(RandomBlockShuffle):
     inner_loss = "ce"
-    summary = "CE(z(RBS(x')), y) + 0.5 ||z(RBS(x')) - z(x')||^2, x' = PGD on CE"
+    summary = "CE(z(RBS(x')), y) + {eta:g} ||z(RBS(x')) - z(x')||^2, x' = PGD on CE"
     order = 40
     parent = "rbsat-p"
 
@@ -48,7 +48,7 @@ class RLFATP(RandomBlockShuffle):
 @dataclass
 class RBSATT(TradesKL, RandomBlockShuffle):
     inner_loss = "kl"
-    summary = "CE(z(x), y) + 6 KL(p(x) || p(RBS(x'))), x' = PGD on KL (ablation: RLFL only)"
+    summary = "CE(z(x), y) + {lam:g} KL(p(x) || p(RBS(x'))), x' = PGD on KL (ablation: RLFL only)"
     order = 50
     parent = "trades"
 
@@ -61,7 +61,7 @@ class RBSATT(TradesKL, RandomBlockShuffle):
 @dataclass
 class RLFATT(TradesKL, RandomBlockShuffle):
     inner_loss = "kl"
-    summary = "CE(z(x), y) + 6 KL(p(x) || p(RBS(x'))) + 1 ||z(RBS(x')) - z(x')||^2, x' = PGD on KL"
+    summary = "CE(z(x), y) + {lam:g} KL(p(x) || p(RBS(x'))) + {eta:g} ||z(RBS(x')) - z(x')||^2, x' = PGD on KL"
     order = 60
     parent = "rbsat-t"
 

@@ -12,7 +12,7 @@ from robench.registry import DEFENSES
 @dataclass
 class TRADES(TradesKL):
     inner_loss = "kl"
-    summary = "CE(z(x), y) + 6 KL(p(x) || p(x')), x' = PGD on the KL (Zhang et al. 2019)"
+    summary = "CE(z(x), y) + {lam:g} KL(p(x) || p(x')), x' = PGD on the KL (Zhang et al. 2019)"
     order = 20
 
     def loss(self, model, x, x_adv, y):

@@ -30,6 +30,7 @@ from robench.options import check_option_types
 from robench.rbs import MODES as RBS_MODES
 from robench.rbs import rbs
 from robench.registry import DEFENSES
+from robench.seeding import rbs_seed
 from robench.threat import cross_entropy_objective, kl_objective, pgd
 
 AUTOCAST_OFF: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext
@@ -53,6 +54,8 @@ class Defense:
     """A training objective with no adversary. Subclasses add their settings as fields."""
 
     inner_loss: ClassVar[str | None] = None
+    # The objective in one line; ``{field}`` placeholders are filled with the settings' defaults
+    # (``describe``), so a changed default never leaves a stale number here.
     summary: ClassVar[str] = ""
     # What the report and the demo need to know, declared here and nowhere else.
     order: ClassVar[int] = 100  # row order in tables (the paper's order first)
@@ -66,6 +69,12 @@ class Defense:
         # Not settings: the runtime's autocast (bf16 on CUDA), set by the training loop.
         self.autocast: Callable[[], contextlib.AbstractContextManager] = AUTOCAST_OFF
 
+    @classmethod
+    def describe(cls) -> str:
+        """``summary`` with its placeholders filled by the settings' defaults."""
+        defaults = {f.name: f.default for f in dataclasses.fields(cls) if f.default is not MISSING}
+        return cls.summary.format(**defaults)
+
     def params(self) -> dict[str, Any]:
         """The settings, as the checkpoint records them (``objective``)."""
         return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
@@ -73,6 +82,10 @@ class Defense:
     def adversarial(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor | None:
         """The adversarial batch x' the loss trains on; None without an adversary."""
         return None
+
+    def seed_step(self, seed: int, step: int, rank: int) -> None:
+        """Seed the defense's own random draws for training step ``step`` on ``rank`` (the loop
+        seeds torch's global RNG itself). Nothing here; RBS seeds its generator."""
 
     def loss(self, model: nn.Module, x: torch.Tensor, x_adv: torch.Tensor | None, y: torch.Tensor
              ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -137,6 +150,13 @@ class RandomBlockShuffle(AdversarialDefense):
         self.rbs_generator: torch.Generator | None = None
         # Tests replace this with a fixed permutation to check losses by hand.
         self.rbs: Callable[[torch.Tensor], torch.Tensor] = self._rbs
+
+    def seed_step(self, seed: int, step: int, rank: int) -> None:
+        """Batch mode: one draw per (seed, step), the same on every torchrun rank (one draw per
+        global batch, as the official code). Image mode: per rank as well."""
+        if self.rbs_generator is None:
+            self.rbs_generator = torch.Generator()
+        self.rbs_generator.manual_seed(rbs_seed(seed, step, rank if self.rbs_mode == "image" else None))
 
     def _rbs(self, x: torch.Tensor) -> torch.Tensor:
         return rbs(x, self.rbs_k, self.rbs_mode, exclude_identity=self.rbs_exclude_identity,

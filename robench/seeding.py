@@ -72,3 +72,19 @@ def example_index(index: torch.Tensor | None, n: int) -> torch.Tensor:
     if len(index) != n:
         raise ValueError(f"index has {len(index)} entries for a batch of {n}")
     return index
+
+
+# Independent random streams of a training run, each mixed with (seed, ...) by ``mix``.
+STEP_STREAM, RBS_STREAM, ORDER_STREAM = 0, 1, 2
+
+
+def step_seed(seed: int, step: int, rank: int = 0) -> int:
+    """The global RNG's seed at training step ``step`` on ``rank`` (flip, PGD start)."""
+    return mix(seed, STEP_STREAM, step, rank)
+
+
+def rbs_seed(seed: int, step: int, rank: int | None = None) -> int:
+    """Seed of step ``step``'s RBS generator. Batch mode passes no rank, so every rank draws the
+    same shuffle; image mode passes its rank."""
+    return mix(seed, RBS_STREAM, step, 0 if rank is None else rank + 1)
+

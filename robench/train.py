@@ -29,13 +29,13 @@ from tqdm import tqdm
 from robench import atomic, checkpoint
 from robench.config import DATASET_DEFAULTS, DEFAULT_DATASET
 from robench.data import Splits, load_dataset
-from robench.defense import Defense, RandomBlockShuffle, make_defense, param_names
+from robench.defense import Defense, make_defense, param_names
 from robench.distributed import Dist
 from robench.errors import UserError
 from robench.models import build_model
 from robench.registry import DEFENSES
 from robench.runtime import Runtime
-from robench.seeding import mix
+from robench.seeding import ORDER_STREAM, mix, rbs_seed, step_seed  # noqa: F401 (rbs_seed: tests)
 from robench.workdir import runs_dir
 
 LOG = "train_log.csv"
@@ -128,30 +128,12 @@ def check_run_name(name: str | None) -> None:
         raise UserError(f"--name {name!r} starts with '.': a hidden run is never listed or evaluated")
 
 
-# Independent random streams of a training run, mixed with (seed, ...) by ``seeding.mix``.
-STEP_STREAM, RBS_STREAM, ORDER_STREAM = 0, 1, 2
-
-
-def step_seed(seed: int, step: int, rank: int = 0) -> int:
-    """The global RNG's seed at ``step`` on ``rank`` (flip, PGD start)."""
-    return mix(seed, STEP_STREAM, step, rank)
-
-
-def rbs_seed(seed: int, step: int, rank: int | None = None) -> int:
-    """Seed of step ``step``'s RBS generator. Batch mode passes no rank, so every rank draws the
-    same shuffle; image mode passes its rank."""
-    return mix(seed, RBS_STREAM, step, 0 if rank is None else rank + 1)
-
-
 def seed_step(cfg: TrainConfig, step: int, rank: int, defense: Defense) -> None:
     """Seed every random draw of training step ``step`` on ``rank``: the global RNG (flip, PGD
-    start) per (seed, step, rank); RBS per (seed, step) in batch mode, per rank in image mode."""
+    start) per (seed, step, rank), then whatever the defense draws itself (``Defense.seed_step``:
+    RBS per (seed, step) in batch mode, per rank in image mode)."""
     torch.manual_seed(step_seed(cfg.seed, step, rank))
-    if isinstance(defense, RandomBlockShuffle):
-        if defense.rbs_generator is None:
-            defense.rbs_generator = torch.Generator()
-        per_rank = rank if defense.rbs_mode == "image" else None
-        defense.rbs_generator.manual_seed(rbs_seed(cfg.seed, step, per_rank))
+    defense.seed_step(cfg.seed, step, rank)
 
 
 class BatchOrder:

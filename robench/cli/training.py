@@ -135,7 +135,7 @@ def list_(workdir):
     workdir = existing_workdir(workdir) if explicit else resolve_workdir(workdir)
     click.echo("defenses (settings: -o DEFENSE.PARAM=VALUE, defaults shown):")
     for name in DEFENSES:
-        click.echo(f"  {name:10s} {DEFENSES[name].summary}")
+        click.echo(f"  {name:10s} {DEFENSES[name].describe()}")
         click.echo(f"  {'':10s} {describe_params(DEFENSES[name])}")
     click.echo("attacks:")
     for name in ATTACKS:
