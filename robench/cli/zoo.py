@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import stat
 import sys
 from pathlib import Path
@@ -171,15 +170,6 @@ def resolve_run(what: str, workdir: Path | None, dataset: str | None) -> tuple[P
     return find_run(workdir, what, dataset)[0], workdir
 
 
-def _rows(workdir: Path, sha: str) -> list:
-    from robench.store import DB_NAME, Store
-
-    if not (workdir / DB_NAME).is_file():
-        return []
-    with Store.in_workdir(workdir) as store:
-        return store.rows(checkpoint=sha)
-
-
 @zoo.command()
 @click.argument("run")
 @path_option("--manifest", "manifest", required=True,
@@ -194,36 +184,19 @@ def _rows(workdir: Path, sha: str) -> list:
 def add(run, manifest, urls, ship, name, dataset, notes, workdir):
     """Publish a finished run (its folder, its name in the workdir, or a defense name): hash its
     weights and write its settings and stored results as a manifest entry."""
-    from robench import atomic, checkpoint
-    from robench.zoo import entry_from_run, read_manifest, write_manifest
-    from robench.zoo.manifest import _same_file, manifest_paths
+    from robench import checkpoint
+    from robench.zoo.publish import add_run
 
     if not urls and not ship:
         raise UserError("give --url URL (where you put the weights file) or --ship")
-    if manifest.exists() and not manifest.is_file():
-        raise UserError(f"--manifest {manifest} is not a file")
     run_dir, results_workdir = resolve_run(run, workdir, dataset)
-    meta = checkpoint.read_meta(run_dir)
-    rows = _rows(results_workdir, meta["files"]["weights"]["sha256"])
-    entry = entry_from_run(run_dir, rows, urls, name=name, shipped=ship, notes=notes)
-    others = [p for p in manifest_paths() if not _same_file(p, manifest)]
-    for e in (e for path in others if Path(path).is_file() for e in read_manifest(path)):
-        if e.name == entry.name:
-            raise UserError(f"zoo entry {entry.name!r} already exists in {e.source}; pass another --name")
-    current = read_manifest(manifest) if manifest.exists() else []
-    replaced = any(e.name == entry.name for e in current)
-    manifest.parent.mkdir(parents=True, exist_ok=True)
-    weights = run_dir / meta["files"]["weights"]["name"]
-    if ship:
-        target = manifest.parent / "checkpoints" / entry.file
-        target.parent.mkdir(exist_ok=True)
-        atomic.write_with(target, lambda p: shutil.copyfile(weights, p))
-    write_manifest(manifest, [*(e for e in current if e.name != entry.name), entry])
+    entry, replaced = add_run(run_dir, results_workdir, manifest, urls, ship, name, notes)
     click.echo(f"{'updated' if replaced else 'added'} {entry.name} in {manifest}: sha256 {entry.sha256[:12]}..., "
                f"{entry.size} bytes, results: {', '.join(entry.results) or 'none'}")
     if not entry.results:
         click.echo(f"note: no results stored for this checkpoint in {results_workdir}; evaluate it "
                    f"(robench eval) and add it again to publish them", err=True)
+    weights = run_dir / checkpoint.read_meta(run_dir)["files"]["weights"]["name"]
     for url in urls:
         click.echo(f"upload {weights} to {url}")
 
@@ -240,6 +213,7 @@ def export(name, out, eps, manifests, workdir):
     and AutoAttack accuracy, eps, threat model, architecture, n."""
     from robench import atomic, checkpoint
     from robench.zoo import entry_from_run, get, robustbench_info
+    from robench.zoo.publish import stored_rows
 
     try:
         entry = get(name, manifests)
@@ -249,7 +223,7 @@ def export(name, out, eps, manifests, workdir):
         except UserError:
             raise unknown from None
         meta = checkpoint.read_meta(run_dir)
-        entry = entry_from_run(run_dir, _rows(results_workdir, meta["files"]["weights"]["sha256"]),
+        entry = entry_from_run(run_dir, stored_rows(results_workdir, meta["files"]["weights"]["sha256"]),
                                name=f"{meta['defense']}-{meta['dataset']}")
     if out is not None and out.is_dir():
         raise UserError(f"--out {out} is a directory; name the JSON file")

@@ -49,20 +49,16 @@ def write_outputs(exp: Experiment, root: Path, out: Path | None = None, progress
 
 
 def publish(exp: Experiment, root: Path, command: str | None) -> None:
-    """``robench zoo add RUN --ship`` for each plain defense's final checkpoint, named
-    DEFENSE-<publish_tag>; the entry's notes name the experiment file and its sha256."""
-    from robench.cli import cli
+    """Ship each plain defense's final checkpoint into ``[report] publish``, named
+    DEFENSE-<publish_tag> (``robench zoo add --ship``); the entry's notes name the experiment file."""
+    from robench.experiment.layout import chains, run_dir
+    from robench.zoo.publish import add_run
 
     notes = (f"Trained and evaluated by robench experiment {exp.path.name} (sha256 {exp.digest[:12]}...)"
              + (f": {command}" if command else "") + f". Test results are on the {exp.data.test_order} order of the "
              f"{exp.data.dataset} test split (seed {exp.data.order_seed}).")
-    for d in exp.defenses:
-        if d.variant:
-            continue
-        try:  # the CLI's own command and checks; it ends with sys.exit
-            cli.main(["zoo", "add", d.defense, "--dataset", exp.data.dataset, "--workdir", str(root / "main"),
-                      "--ship", "--manifest", str(exp.publish), "--name", f"{d.defense}-{exp.publish_tag}",
-                      "--notes", notes], prog_name="robench")
-        except SystemExit as e:
-            if e.code:
-                raise
+    for chain in chains(exp):
+        if chain.workdir_name == "main":
+            entry, _ = add_run(run_dir(root, exp, chain), root / "main", exp.publish, ship=True,
+                               name=f"{chain.run.defense}-{exp.publish_tag}", notes=notes)
+            print(f"published {entry.name} into {exp.publish}")

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
-from robench.experiment import layout
+import robench.experiment.layout as layout
 from robench.experiment.layout import Chain
 from robench.experiment.spec import Experiment
 from robench.store import Row, Store, canonical, common_examples, on_examples
@@ -43,7 +43,7 @@ class Stage:
 class ChainResults:
     chain: Chain
     stages: dict[int, Stage]  # only stages reached
-    best: int | None  # the best stage (``runner.best_stage``) once every stage is evaluated
+    best: int | None  # the best stage (``best_stage``) once every stage is evaluated
 
 
 def difference(p1: float, n1: int, p2: float, n2: int) -> tuple[float, float, float]:
@@ -85,9 +85,30 @@ def expected_params(exp: Experiment) -> dict[str, str]:
             for a in exp.attacks}
 
 
-def collect(exp: Experiment, root: Path) -> list[ChainResults]:
-    from robench.experiment.runner import best_stage
+def best_stage(exp: Experiment, root: Path, chain: Chain) -> int:
+    """The stage with the highest accuracy under the selection attack on the held-out images (on
+    the test images when the file holds none out); the earliest among equals."""
+    from robench.store import Store
 
+    spec = exp.attack(exp.select)
+    if spec is None or spec.at != "every":
+        return exp.steps
+    view, n = ("val", exp.data.n_val) if exp.data.n_val else ("test", spec.n)
+    params = expected_params(exp)[spec.label]
+    scores = {}
+    with Store.in_workdir(layout.workdir(root, chain)) as store:
+        for step in exp.stages:
+            rows = [r for r in store.rows(checkpoint=layout.stage_sha(root, chain, step), name=spec.name)
+                    if r.key.split == view and r.key.n == n and r.key.kind == "attack" and r.key.params == params]
+            if rows:
+                scores[step] = rows[0].value
+    if not scores:
+        return exp.steps
+    top = max(scores.values())
+    return min(s for s, v in scores.items() if v == top)
+
+
+def collect(exp: Experiment, root: Path) -> list[ChainResults]:
     params = expected_params(exp)
     label_of = {(a.name, params[a.label]): a for a in exp.attacks}
     out = []

@@ -25,8 +25,9 @@ from pathlib import Path
 from tqdm import tqdm
 
 from robench import atomic
-from robench.experiment import layout
+import robench.experiment.layout as layout
 from robench.experiment.layout import Chain
+from robench.experiment.results import best_stage
 from robench.experiment.spec import Experiment
 
 TRAIN, EVAL, SENS = "train", "eval", "sens"
@@ -175,31 +176,6 @@ def deep_tasks(exp: Experiment, chain: int, best: int) -> list[Task]:
         steps = [exp.steps] if exp.sensitivity_at == "final" else sorted({exp.steps, best})
         out += [Task(SENS, chain, s) for s in steps]
     return out
-
-
-def best_stage(exp: Experiment, root: Path, chain: Chain) -> int:
-    """The stage with the highest accuracy under the selection attack on the held-out images (on
-    the test images when the file holds none out); the earliest among equals."""
-    from robench.store import Store
-
-    from robench.experiment.results import expected_params
-
-    spec = exp.attack(exp.select)
-    if spec is None or spec.at != "every":
-        return exp.steps
-    view, n = ("val", exp.data.n_val) if exp.data.n_val else ("test", spec.n)
-    params = expected_params(exp)[spec.label]
-    scores = {}
-    with Store.in_workdir(layout.workdir(root, chain)) as store:
-        for step in exp.stages:
-            rows = [r for r in store.rows(checkpoint=layout.stage_sha(root, chain, step), name=spec.name)
-                    if r.key.split == view and r.key.n == n and r.key.kind == "attack" and r.key.params == params]
-            if rows:
-                scores[step] = rows[0].value
-    if not scores:
-        return exp.steps
-    top = max(scores.values())
-    return min(s for s, v in scores.items() if v == top)
 
 
 # -- the loop ----------------------------------------------------------------------------------------

@@ -22,7 +22,7 @@ from typing import BinaryIO
 from tqdm import tqdm
 
 from robench.errors import UserError
-from robench.zoo import transfer
+import robench.zoo.transfer as transfer
 from robench.zoo.cache import (ENV, CacheError, cached_path, file_digest, link_refusal, local_path, locked,
                                open_private, partial_path, private_dir, verify)
 from robench.zoo.manifest import Entry

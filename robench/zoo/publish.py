@@ -15,6 +15,50 @@ from robench.zoo.manifest import Entry, check_name, check_url
 AUTOATTACK = "autoattack"
 
 
+def stored_rows(workdir: Path, sha: str) -> list[Row]:
+    """The results a workdir stores for one checkpoint ([] without a results database)."""
+    from robench.store import DB_NAME, Store
+
+    if not (workdir / DB_NAME).is_file():
+        return []
+    with Store.in_workdir(workdir) as store:
+        return store.rows(checkpoint=sha)
+
+
+def add_run(run_dir: Path, results_workdir: Path, manifest: Path, urls: Sequence[str] = (), ship: bool = False,
+            name: str | None = None, notes: str = "") -> tuple[Entry, bool]:
+    """Publish a finished run into ``manifest`` (``robench zoo add``): its weights' hash and
+    settings and the results ``results_workdir`` stores for it; with ``ship``, the weights are
+    copied into ``checkpoints/`` beside the manifest. Returns the entry and whether it replaced one
+    of the same name. An entry name that another manifest already uses is refused."""
+    import shutil
+
+    from robench import atomic
+    from robench.zoo.manifest import _same_file, manifest_paths, read_manifest, write_manifest
+
+    if not urls and not ship:
+        raise UserError("give --url URL (where you put the weights file) or --ship")
+    if manifest.exists() and not manifest.is_file():
+        raise UserError(f"--manifest {manifest} is not a file")
+    meta = checkpoint.read_meta(run_dir)
+    rows = stored_rows(results_workdir, meta["files"]["weights"]["sha256"])
+    entry = entry_from_run(run_dir, rows, urls, name=name, shipped=ship, notes=notes)
+    others = [p for p in manifest_paths() if not _same_file(p, manifest)]
+    for e in (e for path in others if Path(path).is_file() for e in read_manifest(path)):
+        if e.name == entry.name:
+            raise UserError(f"zoo entry {entry.name!r} already exists in {e.source}; pass another --name")
+    current = read_manifest(manifest) if manifest.exists() else []
+    replaced = any(e.name == entry.name for e in current)
+    manifest.parent.mkdir(parents=True, exist_ok=True)
+    if ship:
+        weights = run_dir / meta["files"]["weights"]["name"]
+        target = manifest.parent / "checkpoints" / entry.file
+        target.parent.mkdir(exist_ok=True)
+        atomic.write_with(target, lambda p: shutil.copyfile(weights, p))
+    write_manifest(manifest, [*(e for e in current if e.name != entry.name), entry])
+    return entry, replaced
+
+
 def entry_from_run(run_dir: Path, rows: Sequence[Row], urls: Sequence[str] = (), name: str | None = None,
                    shipped: bool = False, notes: str = "", reference: dict[str, str] | None = None) -> Entry:
     """The entry of a finished run: its weights' hash and size, every training setting, and the
