@@ -61,7 +61,7 @@ def _init(exp: Experiment, root: Path, threads: int) -> None:
 
     torch.set_num_threads(threads)
     import robench.attacks  # noqa: F401  (registers the attacks)
-    import robench.defenses  # noqa: F401
+    import robench.defenses  # noqa: F401  (registers the defenses)
 
     _STATE.clear()
     _STATE.update(exp=exp, root=root, chains=layout.chains(exp))
