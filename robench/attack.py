@@ -165,7 +165,10 @@ def make_attack(name: str, dataset: str, eps: float | None = None, overrides: di
     cls = ATTACKS.get(name)
     overrides = dict(overrides or {})
     norm = overrides.get("norm", next(f.default for f in dataclasses.fields(cls) if f.name == "norm"))
-    defaults = DATASET_DEFAULTS[dataset]
+    defaults = DATASET_DEFAULTS.get(dataset)
+    if defaults is None:  # e.g. results on one's own tensors (robench.evaluate), stored as "custom"
+        raise UserError(f"no default attack settings for dataset {dataset!r}; "
+                        f"known: {', '.join(sorted(DATASET_DEFAULTS))}")
     if norm == "l2":
         if defaults.l2_eps is None:
             raise UserError(f"no default L2 radius for {dataset} (no paper gives one); pass --eps")

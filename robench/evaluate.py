@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm import tqdm
+from tqdm.auto import tqdm  # a notebook's widget bar, a terminal's text bar
 
 from robench import checkpoint
 from robench.attack import Attack, ThreatModelError, make_attack
