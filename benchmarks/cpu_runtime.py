@@ -37,7 +37,7 @@ QUICK = dict(archs="tiny-cnn,wrn-10-1", reps=2, inner=1, attack_steps=2)
 
 
 def step_fn(arch: str, amp: bool, channels_last: bool, attack_steps: int):
-    """One training step of pgdat on random data, as robench.train runs it."""
+    """One training step of pgdat on random data, as robench.training runs it."""
     dataset, shape, batch = ARCHS[arch]
     torch.manual_seed(0)
     model = build_model(arch, shape[0], 10)

@@ -7,7 +7,7 @@ Run from the repository root (about 2.5 minutes on 2 CPU cores shared with other
     .venv/bin/python benchmarks/train_step.py      # writes benchmarks/results/train_step.md
     .venv/bin/python benchmarks/train_step.py --quick --out /tmp/t.md   # seconds; checks it runs
 
-A step is exactly what ``robench.train.train`` does per step: ``defense.adversarial`` (PGD in
+A step is exactly what ``robench.training.train`` does per step: ``defense.adversarial`` (PGD in
 eval mode), ``defense.loss`` (model in train mode), ``zero_grad``, ``backward``, Adam ``step``.
 Every defense gets its own copy of the same initial model and its own Adam optimiser.
 
@@ -96,7 +96,7 @@ def run_config(label: str, arch: str, shape: tuple[int, int, int], batch: int, k
         defense = DEFENSES[name](eps, step_size, k)
 
         def step(model=model, opt=opt, defense=defense):
-            # robench.train.train, one step (CPU: autocast is a no-op).
+            # robench.training.train, one step (CPU: autocast is a no-op).
             x_adv = defense.adversarial(model, x, y)
             loss, logits = defense.loss(model, x, x_adv, y)
             opt.zero_grad(set_to_none=True)

@@ -166,7 +166,7 @@ def make_attack(name: str, dataset: str, eps: float | None = None, overrides: di
     overrides = dict(overrides or {})
     norm = overrides.get("norm", next(f.default for f in dataclasses.fields(cls) if f.name == "norm"))
     defaults = DATASET_DEFAULTS.get(dataset)
-    if defaults is None:  # e.g. results on one's own tensors (robench.evaluate), stored as "custom"
+    if defaults is None:  # e.g. results on one's own tensors (robench.evaluation), stored as "custom"
         raise UserError(f"no default attack settings for dataset {dataset!r}; "
                         f"known: {', '.join(sorted(DATASET_DEFAULTS))}")
     if norm == "l2":

@@ -17,7 +17,7 @@ A class-balanced order (loaders keep their own fixed order; this is opt-in):
 
 - ``balanced_order`` / ``balanced_test``: the whole test split in one fixed class-balanced shuffle,
   in which every prefix of ``k * classes`` images holds ``k`` of each class (while every class has
-  images left). Evaluating "the first n" of it (``robench.evaluate``) is then a balanced sample
+  images left). Evaluating "the first n" of it (``robench.evaluation``) is then a balanced sample
   at every n, and a smaller n is nested in a larger one, so results line up example by example.
   A reordered split has another ``robench.store.split_digest``, so its results never share
   keys with those of the loader's own order.

@@ -2,7 +2,7 @@
 its loss on that batch.
 
 Defenses live one per module under ``defenses/`` and register themselves in ``DEFENSES``. The
-training loop is shared (``robench.train``); a defense only says
+training loop is shared (``robench.training``); a defense only says
 - its settings, as dataclass fields (set with ``robench train NAME -o NAME.PARAM=VALUE``);
 - ``inner_loss``: which loss PGD maximises in training ("ce", "kl" for TRADES-style, or None);
 - ``loss(model, x, x_adv, y)``: its training objective (docs/design.md, section 3 "Training objectives").

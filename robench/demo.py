@@ -12,13 +12,13 @@ from itertools import groupby
 from pathlib import Path
 
 from robench.config import DEFAULT_DATASET
-from robench.evaluate import run_eval
+from robench.evaluation import run_eval
 from robench.registry import ATTACKS, DEFENSES
 from robench.report import write_report
 from robench.runtime import Runtime
 from robench.salience import run_salience
 from robench.sensitivity import run_sensitivity
-from robench.train import TrainConfig, train
+from robench.training import TrainConfig, train
 from robench.workdir import runs_dir
 
 DATASET = DEFAULT_DATASET

@@ -26,7 +26,7 @@ def trained_workdir(tmp_path_factory, digits):
     """A workdir with a briefly trained tiny standard model and a tiny pgdat model on digits.
     Shared by the whole session, so tests only read it; a test that writes results uses
     ``runs_copy``."""
-    from robench.train import TrainConfig, train
+    from robench.training import TrainConfig, train
 
     workdir = tmp_path_factory.mktemp("workdir")
     for defense, steps, options in (("standard", 150, {}), ("pgdat", 150, {"attack_steps": 3})):
@@ -52,7 +52,7 @@ def runs_copy(trained_workdir, tmp_path):
 # tests/test_cli_errors.py runs the real ``python -m robench`` entry point.
 ZYGOTE = r"""
 import json, os, runpy, sys, traceback
-import robench.cli, robench.train, robench.evaluate, sklearn.datasets, sklearn.model_selection, torch._dynamo
+import robench.cli, robench.training, robench.evaluation, sklearn.datasets, sklearn.model_selection, torch._dynamo
 import robench.attacks, robench.defenses, robench.models
 while True:
     cmd, _, arg = sys.stdin.readline().strip().partition(" ")

@@ -1,4 +1,4 @@
-"""Paired comparisons (robench.compare, `robench compare`, the report's comparison and attack-consistency sections)."""
+"""Paired comparisons (robench.comparison, `robench compare`, the report's comparison and attack-consistency sections)."""
 
 import json
 import math
@@ -13,7 +13,7 @@ from torch import nn
 from robench import checkpoint
 from robench.attack import make_attack
 from robench.cli import cli
-from robench.compare import (diff_text, from_counts, mcnemar_exact, n_to_resolve, newcombe_interval, p_text, paired,
+from robench.comparison import (diff_text, from_counts, mcnemar_exact, n_to_resolve, newcombe_interval, p_text, paired,
                              paired_rows, table)
 from robench.report import write_report
 from robench.report.comparisons import comparison_pairs
@@ -100,7 +100,7 @@ N_EVALUATED = 360
 def evaluated(trained_workdir, tmp_path_factory):
     """A private copy of the session's digits runs with clean and PGD stored on the whole test
     split (360 images: enough for the bounds in test_pgdat_beats_standard_under_pgd)."""
-    from robench.evaluate import run_eval
+    from robench.evaluation import run_eval
     from robench.runtime import Runtime
 
     wd = tmp_path_factory.mktemp("compare") / "wd"
@@ -181,7 +181,7 @@ def test_compare_errors(evaluated, args, expect):
 
 
 def test_an_attack_stored_for_one_defense_only_is_listed(wd):
-    from robench.evaluate import run_eval
+    from robench.evaluation import run_eval
     from robench.runtime import Runtime
 
     run_eval(["pgdat"], ["cw"], wd, Runtime.create("cpu"), n=16, progress=False)

@@ -14,7 +14,7 @@ from robench.attack import BALL_TOL
 from robench.errors import UserError
 from robench.config import DATASET_DEFAULTS
 from robench.attack import make_attack
-from robench.evaluate import run_eval
+from robench.evaluation import run_eval
 from robench.targets import target_from_file, target_from_run
 from robench.registry import ATTACKS
 from robench.store import Examples, Key, Partial, Row, Store, wilson, worst_case

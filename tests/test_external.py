@@ -18,7 +18,7 @@ from PIL import Image
 from safetensors.torch import save_file
 from torch import nn
 
-import robench.evaluate
+import robench.evaluation
 from robench import checkpoint
 from robench.cli import cli
 from robench.data import Splits
@@ -361,13 +361,13 @@ def cli_eval(tmp_path, monkeypatch, folder, path, arch, *extra):
     """``robench eval --checkpoint`` as a user runs it; returns (the model it evaluated, JSON)."""
     monkeypatch.setenv("ROBENCH_CACHE", str(tmp_path / "cache"))
     seen = []
-    real = robench.evaluate.target_from_file
+    real = robench.evaluation.target_from_file
 
     def spy(*args, **kwargs):
         seen.append(real(*args, **kwargs))
         return seen[-1]
 
-    monkeypatch.setattr(robench.evaluate, "target_from_file", spy)
+    monkeypatch.setattr(robench.evaluation, "target_from_file", spy)
     args = ["eval", "--checkpoint", path, "--arch", arch, "--dataset", "folder", "--data-dir", folder,
             "--attacks", "pgd", "-o", "pgd.attack_steps=1", "--n", "4", "--batch-size", "4", "--no-progress",
             "--device", "cpu", "--json", "--workdir", tmp_path / "wd", *extra]

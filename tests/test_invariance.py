@@ -12,7 +12,7 @@ import torch
 
 from robench.errors import UserError
 from robench.attack import make_attack
-from robench.evaluate import run_eval, todo_ranges
+from robench.evaluation import run_eval, todo_ranges
 from robench.models import build_model
 from robench.registry import ATTACKS
 from robench.store import Store

@@ -11,7 +11,7 @@ from robench.attack import BALL_TOL, make_attack
 from robench.cli import cli
 from robench.config import DATASET_DEFAULTS
 from robench.errors import UserError
-from robench.evaluate import run_eval
+from robench.evaluation import run_eval
 from robench.registry import ATTACKS
 from robench.report import write_report
 from robench.runtime import Runtime

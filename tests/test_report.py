@@ -26,7 +26,7 @@ N = 200
 
 
 def make_run(workdir, defense, dataset, name=None, finished=True, seed=0, saved_at=None):
-    """A checkpoint shaped like the training loop's (robench/train.py base_meta + save)."""
+    """A checkpoint shaped like the training loop's (robench/training.py base_meta + save)."""
     torch.manual_seed(seed)
     model = nn.Linear(4, 3)
     run_dir = workdir / "runs" / (name or f"{defense}-{dataset}-s{seed}")
@@ -245,7 +245,7 @@ def test_md_table_escapes_pipes():
 
 def test_report_of_a_real_trained_and_evaluated_workdir(trained_workdir, tmp_path):
     """The real training loop's checkpoint records and the evaluator's rows go through."""
-    from robench.evaluate import run_eval
+    from robench.evaluation import run_eval
     from robench.runtime import Runtime
 
     import shutil

@@ -16,9 +16,9 @@ from pathlib import Path
 
 import pytest
 
-from robench.evaluate import run_eval
+from robench.evaluation import run_eval
 from robench.runtime import Runtime
-from robench.train import TrainConfig, train
+from robench.training import TrainConfig, train
 
 from bounds import FALSE_ALARM, count, two_sample_p
 

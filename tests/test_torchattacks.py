@@ -19,7 +19,7 @@ from robench.attack import BALL_TOL, ThreatModelError, make_attack
 from robench.attacks.torchattacks import CATALOGUE, PREFIX
 from robench.cli import cli
 from robench.errors import UserError
-from robench.evaluate import run_eval
+from robench.evaluation import run_eval
 from robench.registry import ATTACKS
 from robench.runtime import Runtime
 from robench.store import Store

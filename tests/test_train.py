@@ -6,11 +6,11 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-import robench.train as train_mod
+import robench.training as train_mod
 from robench import checkpoint
 from robench.errors import UserError
 from robench.models import build_model
-from robench.train import TrainConfig, train
+from robench.training import TrainConfig, train
 
 FAST = dict(arch="tiny-cnn", steps=24, attack_steps=2, n_train=256)
 

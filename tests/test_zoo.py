@@ -379,9 +379,9 @@ def test_cli_list_show_and_a_failed_fetch(server, weights, tmp_path):
 @pytest.fixture(scope="module")
 def evaluated(tmp_path_factory, digits):
     """A tiny trained run, evaluated clean and under PGD on 20 test images."""
-    from robench.evaluate import run_eval
+    from robench.evaluation import run_eval
     from robench.runtime import Runtime
-    from robench.train import TrainConfig, train
+    from robench.training import TrainConfig, train
 
     wd = tmp_path_factory.mktemp("zoo-wd")
     train(TrainConfig("standard", "digits", arch="tiny-cnn", steps=20), wd, splits=digits, progress=False,

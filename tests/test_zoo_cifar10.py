@@ -13,7 +13,7 @@ import pytest
 from robench import zoo
 from robench.attack import make_attack
 from robench.data import balanced_test, load_dataset
-from robench.evaluate import CLEAN, evaluate
+from robench.evaluation import CLEAN, evaluate
 from robench.runtime import Runtime
 from robench.store import Store, split_digest
 from robench.targets import target_from_zoo

@@ -8,10 +8,10 @@ from click.testing import CliRunner
 from robench import zoo
 from robench.cli import cli
 from robench.errors import UserError
-from robench.evaluate import run_eval
+from robench.evaluation import run_eval
 from robench.registry import DEFENSES
 from robench.runtime import Runtime
-from robench.train import TrainConfig, train
+from robench.training import TrainConfig, train
 
 CPU = Runtime.create("cpu")
 

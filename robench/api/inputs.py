@@ -1,4 +1,4 @@
-"""What ``robench.evaluate`` accepts, checked before anything runs: the data and the model."""
+"""What ``robench.evaluation`` accepts, checked before anything runs: the data and the model."""
 
 from __future__ import annotations
 

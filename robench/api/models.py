@@ -67,7 +67,7 @@ def load_model(name: str, *, workdir: str | Path | None = None, dataset: str | N
     picks among several), or the name of a run in ``workdir/runs/``. The weights' sha256 is
     verified before they are used (a zoo file missing from the cache is downloaded first); any
     input normalisation is inside the model. The module is in eval mode, on the CPU unless
-    ``device`` is given. ``robench.evaluate`` stores its results under the checkpoint's identity,
+    ``device`` is given. ``robench.evaluation`` stores its results under the checkpoint's identity,
     the same rows as ``robench eval --defense NAME``, as long as its weights are unchanged.
     """
     from robench import checkpoint, zoo

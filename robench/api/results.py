@@ -1,4 +1,4 @@
-"""``Results``: what ``robench.evaluate`` returns, a view of the stored rows of one model."""
+"""``Results``: what ``robench.evaluation`` returns, a view of the stored rows of one model."""
 
 from __future__ import annotations
 
@@ -8,9 +8,9 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from robench.compare import Comparison as _Comparison, Paired, comparison_table
+from robench.comparison import Comparison as _Comparison, Paired, comparison_table
 from robench.errors import UserError
-from robench.evaluate import CLEAN, Entry, EvalReport
+from robench.evaluation import CLEAN, Entry, EvalReport
 from robench.store import Row, wilson, worst_case
 
 if TYPE_CHECKING:

@@ -49,7 +49,7 @@ def evaluate(model: nn.Module, data: Data, attacks: str | Iterable[str] = ("pgd"
     anything runs or is stored.
     """
     from robench.config import DATASET_DEFAULTS
-    from robench.evaluate import CLEAN, Entry, evaluate as evaluate_one
+    from robench.evaluation import CLEAN, Entry, evaluate as evaluate_one
     from robench.runtime import Runtime, model_mode
     from robench.store import Store, split_digest
     from robench.targets import Target
@@ -142,14 +142,14 @@ def compare(results_a: Results, results_b: Results, attack: str | Iterable[str] 
     """``robench compare`` on two ``Results``: for ``attack`` (default: every one both hold,
     clean included), the accuracy difference A - B on the images both were run on, Newcombe's
     95% interval for paired proportions, the exact McNemar p and the images needed to resolve
-    the difference. ``c[attack]`` is one attack's ``robench.compare.Paired``; ``c.table()`` is
+    the difference. ``c[attack]`` is one attack's ``robench.comparison.Paired``; ``c.table()`` is
     the command's text. The two must be measured on the same images with the same attack
     settings."""
-    from robench.compare import Side, paired_rows
+    from robench.comparison import Side, paired_rows
 
     for r in (results_a, results_b):
         if not isinstance(r, Results):
-            raise UserError(f"compare takes two Results (from robench.evaluate), got {type(r).__name__}")
+            raise UserError(f"compare takes two Results (from robench.evaluation), got {type(r).__name__}")
     wanted = [attack] if isinstance(attack, str) else list(attack) if attack is not None else \
         [a for a in results_a.attacks if a in results_b.rows]
     out = {}
@@ -183,7 +183,7 @@ def train(defense: str, dataset: str = "digits", *, workdir: str | Path, steps: 
     interrupted run. ``robench.load_model(name, workdir=workdir)`` loads the result.
     """
     from robench.runtime import Runtime
-    from robench.train import CONFIG_FIELDS, TrainConfig, train as run_training
+    from robench.training import CONFIG_FIELDS, TrainConfig, train as run_training
 
     loop = {k: v for k, v in settings.items() if k in CONFIG_FIELDS}
     for k in ("defense", "dataset", "steps", "seed"):

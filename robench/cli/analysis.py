@@ -22,7 +22,7 @@ def compare(defenses, dataset, attacks, as_json, workdir):
     difference in accuracy with its 95% interval, exact McNemar p, examples needed to resolve it."""
     import json
 
-    from robench.compare import compare_defenses, comparison_table
+    from robench.comparison import compare_defenses, comparison_table
     from robench.workdir import existing_workdir
 
     attack_names = split_names(attacks, "--attacks") if attacks is not None else None

@@ -59,7 +59,7 @@ def eval_(defenses, zoo_only, checkpoint_path, checkpoint_key, arch, mean, std, 
     """Evaluate defenses under attacks, e.g. `robench eval --defense rlfat-p --attacks pgd,cw,nattack`."""
     import json
 
-    from robench.evaluate import run_eval
+    from robench.evaluation import run_eval
     from robench.runtime import Runtime
     from robench.workdir import resolve_workdir
 

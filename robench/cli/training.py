@@ -90,7 +90,7 @@ def train(defense, dataset, data_dir, arch, steps, batch_size, lr, options, flip
           checkpoint_every, log_every, progress, workdir, device, amp, compile_, **shortcuts):
     """Train DEFENSE (see `robench list`), e.g. `robench train rlfat-t --dataset cifar10`."""
     from robench.runtime import Runtime
-    from robench.train import TrainConfig, train as run_training
+    from robench.training import TrainConfig, train as run_training
     from robench.workdir import resolve_workdir
 
     settings = defense_options(defense, options, shortcuts)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from robench import atomic, checkpoint
 from robench.experiment.spec import DefenseRun, Experiment
-from robench.train import TrainConfig
+from robench.training import TrainConfig
 
 
 @dataclass(frozen=True)

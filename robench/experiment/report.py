@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from robench import atomic
-from robench.compare import diff_text, p_text, paired_rows
+from robench.comparison import diff_text, p_text, paired_rows
 from robench.experiment.paper import section as paper_section
 from robench.experiment.results import ChainResults, Stage, collect, gap_difference
 from robench.experiment.spec import Experiment

@@ -79,7 +79,7 @@ def gap_difference(sa: Stage, sb: Stage, attack: str) -> tuple[float, float, flo
 def expected_params(exp: Experiment) -> dict[str, str]:
     """attack label -> the canonical parameters its rows must carry."""
     from robench.attack import make_attack
-    from robench.evaluate import CLEAN
+    from robench.evaluation import CLEAN
 
     return {a.label: canonical({} if a.name == CLEAN else make_attack(a.name, exp.data.dataset, a.eps, a.options).params())
             for a in exp.attacks}

@@ -92,7 +92,7 @@ def run_task(task: Task) -> dict:
 
 def _train(exp: Experiment, root: Path, chain: Chain, task: Task) -> bool:
     from robench import checkpoint
-    from robench.train import train
+    from robench.training import train
 
     if layout.stage_sha(root, chain, task.step) is not None:
         return False
@@ -118,7 +118,7 @@ def _target(root: Path, chain: Chain, step: int):
 
 def _eval(exp: Experiment, root: Path, chain: Chain, task: Task) -> bool:
     from robench.attack import make_attack
-    from robench.evaluate import CLEAN, evaluate
+    from robench.evaluation import CLEAN, evaluate
     from robench.store import Store
 
     view = _prepared().views[task.view]

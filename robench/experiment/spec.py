@@ -328,7 +328,7 @@ def _defenses(t: _Table) -> tuple[DefenseRun, ...]:
 
 
 def _attacks(t: _Table, data: Data) -> tuple[AttackRun, ...]:
-    from robench.evaluate import CLEAN
+    from robench.evaluation import CLEAN
     from robench.registry import ATTACKS
 
     out = []

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from robench.compare import ALPHA, Paired, diff_text, p_text, paired_rows
+from robench.comparison import ALPHA, Paired, diff_text, p_text, paired_rows
 from robench.report.cells import dataset_label, eps_text, md_table
 from robench.report.plugins import CLEAN, ablation_chains, attack_order, label
 from robench.report.queries import Reported, default_eps, table1_rows
