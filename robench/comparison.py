@@ -23,7 +23,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from statistics import NormalDist
 
@@ -183,9 +183,14 @@ class Comparison:
     dataset: str
     eps: float
     results: dict[str, tuple[Row, Row, Paired]]  # attack -> the two rows and their comparison
+    # The version of the test split compared (its digest), and the other versions both defenses
+    # have results on (digest -> rows), which this comparison leaves out.
+    data: str = ""
+    other_data: dict[str, int] = field(default_factory=dict)
 
     def as_dict(self) -> dict:
-        return {"a": self.a.name, "b": self.b.name, "dataset": self.dataset, "eps": self.eps,
+        return {"a": self.a.name, "b": self.b.name, "dataset": self.dataset, "eps": self.eps, "data": self.data,
+                "other_data": self.other_data,
                 "checkpoints": {self.a.name: self.a.checkpoint, self.b.name: self.b.checkpoint},
                 "results": [{"attack": name, **stats.as_dict(), "verdict": stats.verdict(self.a.name, self.b.name),
                              "examples": _span(ra, rb),
@@ -247,7 +252,8 @@ def compare_defenses(names: list[str], workdir: Path, dataset: str | None = None
         why = (f"no results stored for {' and '.join(empty)}" if empty else
                "their results were measured on different versions of the test split")
         raise UserError(f"{names[0]} and {names[1]} have no examples in common on {ds}: {why}; run `{fix}`")
-    digest = max(sorted(digests), key=lambda d: sum(r.key.data == d for r in a.rows + b.rows))
+    share = {d: sum(r.key.data == d for r in a.rows + b.rows) for d in sorted(digests)}
+    digest = max(share, key=share.get)
     for side in (a, b):
         side.rows = [r for r in side.rows if r.key.data == digest]
     rows_a = {r.key.name: attack_row(a.rows, r.key.name, eps) for r in a.rows}
@@ -276,7 +282,7 @@ def compare_defenses(names: list[str], workdir: Path, dataset: str | None = None
             raise UserError(f"{x}: the results of {names[0]} (examples {rows_a[x].key.examples}) and {names[1]} "
                             f"(examples {rows_b[x].key.examples}) share no examples")
         results[x] = (rows_a[x], rows_b[x], stats)
-    return Comparison(a, b, ds, eps, results)
+    return Comparison(a, b, ds, eps, results, digest, {d: k for d, k in share.items() if d != digest})
 
 
 def comparison_table(c: Comparison) -> str:
@@ -289,7 +295,12 @@ def comparison_table(c: Comparison) -> str:
     widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
     lines = [f"checkpoint {side.name}: {side.where}" for side in (c.a, c.b)]
     lines += ["", f"{c.dataset}, eps = {c.eps:g}, default attack parameters; accuracy % on the first n test "
-                  f"images both were evaluated on", ""]
+                  f"images both were evaluated on" + (f" (test split version {c.data})" if c.data else "")]
+    if c.other_data:
+        others = ", ".join(f"{d} ({k} rows)" for d, k in c.other_data.items())
+        lines += [f"note: both also have results on other versions of the {c.dataset} test split (another image "
+                  f"order or folder): {others}; this compares the version with the most rows"]
+    lines += [""]
     lines += ["  ".join(cell.ljust(w) for cell, w in zip(r, widths)).rstrip()
               for r in [head, ["-" * w for w in widths], *body]]
     lines += ["", f"diff: accuracy points, {a} minus {b}, with Newcombe's 95% interval for paired proportions;",

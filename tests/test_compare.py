@@ -207,6 +207,32 @@ def test_no_common_examples(wd, tmp_path):
                    "have no examples in common on digits: their results were measured on different versions")
 
 
+def test_a_second_version_of_the_test_split_is_named(wd, digits):
+    """Both defenses also evaluated on the test images in another order (as an experiment stores
+    them): compare takes the version with the most rows and says so, naming the other."""
+    from robench.data import balanced_test
+    from robench.evaluation import evaluate
+    from robench.runtime import Runtime
+    from robench.store import split_digest
+    from robench.targets import target_from_run
+    from robench.workdir import find_run
+
+    plain = invoke("compare", "--defense", "pgdat,standard", "--workdir", wd)
+    assert plain.exit_code == 0 and "note: both also have results" not in plain.stdout
+    other = balanced_test(digits)
+    with Store.in_workdir(wd) as store:
+        for defense in ("standard", "pgdat"):
+            target = target_from_run(find_run(wd, defense)[0])
+            evaluate(target, other, "pgd", make_attack("pgd", "digits"), 16, store, Runtime.create("cpu"),
+                     progress=False)
+    r = invoke("compare", "--defense", "pgdat,standard", "--workdir", wd)
+    assert r.exit_code == 0, r.stderr
+    main, second = split_digest(digits.x_test, digits.y_test), split_digest(other.x_test, other.y_test)
+    assert f"(test split version {main})" in r.stdout, r.stdout
+    assert f"note: both also have results on other versions of the digits test split" in r.stdout
+    assert f"{second} (2 rows)" in r.stdout  # PGD of both defenses
+
+
 # -- the report's sections -------------------------------------------------------------------------
 
 def make_run(wd, defense, seed):
