@@ -70,7 +70,8 @@ def defense_options(defense: str, options: tuple[str, ...], shortcuts: dict[str,
              help="Where the dataset lives or downloads to [default: $ROBENCH_DATA or ~/.cache/robench/data].")
 @click.option("--arch", default=None, help="Model architecture [default: the dataset's].")
 @click.option("--steps", type=int, default=None, help="Optimiser steps [default: the dataset's, App. A].")
-@click.option("--batch-size", type=int, default=None, help="[default: 32, App. A]")
+@click.option("--batch-size", type=int, default=None,
+              help="Batch size [default: the dataset's: 32 as App. A on CIFAR/STL-10, 64 on digits].")
 @click.option("--lr", type=float, default=None, help="Adam learning rate [default: 1e-3, App. A].")
 @click.option("-o", "--defense-option", "options", multiple=True,
               help="Defense setting, DEFENSE.PARAM=VALUE, repeatable (e.g. -o trades.lam=3); "
