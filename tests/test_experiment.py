@@ -90,7 +90,8 @@ def _rows(root: Path) -> list[tuple]:
     for db in sorted(root.glob("*/results.sqlite")):
         con = sqlite3.connect(db)
         try:
-            rows = con.execute("SELECT checkpoint, split, examples, kind, name, params, outcomes FROM results").fetchall()
+            rows = con.execute("SELECT checkpoint, split, examples, kind, name, params, outcomes "
+                               "FROM results").fetchall()
         finally:
             con.close()
         out += [(stages[r[0]][0], *r[1:]) for r in rows]
@@ -114,8 +115,8 @@ def test_digits_example_end_to_end_then_nothing_to_do(tmp_path):
     out = tmp_path / "out"
     report = run_experiment(exp, tmp_path / "w", out, progress=False)
     text = report.read_text()
-    for section in ("## Test accuracy at the final stage", "## Robust generalization gap (PGD)", "## Robust overfitting",
-                    "## The file's pairs", "## Loss sensitivity at the final stage", "## Stage records"):
+    for section in ("## Test accuracy at the final stage", "## Robust generalization gap (PGD)",
+                    "## Robust overfitting", "## The file's pairs", "## Loss sensitivity at the final stage", "## Stage records"):
         assert section in text
     assert (out / "gap.png").stat().st_size > 1000 and (out / "engine" / "report.md").is_file()
     # A trained defense beats the undefended one under attack: PGDAT's final PGD accuracy exceeds
@@ -223,7 +224,8 @@ def _synthetic_archive(path: Path, classes: int = 10, n_train: int = 12, n_test:
 SMOKE = {
     # The GPU file at smoke scale on CPU: its defenses, attacks and report, few steps, a tiny model
     # (PreActResNet-18 itself is tested in test_external*.py).
-    "paper-gpu": ["model.arch='tiny-cnn'", "train.steps=2", "train.eval_at=[1]", "train.batch_size=4", "run.device='cpu'", "run.workers=1",
+    "paper-gpu": ["model.arch='tiny-cnn'", "train.steps=2", "train.eval_at=[1]", "train.batch_size=4",
+                  "run.device='cpu'", "run.workers=1",
                   "run.threads=1", "attacks.clean.n=4", "attacks.pgd.n=4", "attacks.cw.n=4", "attacks.autoattack.n=4",
                   "attacks.autoattack.options={version='custom', attacks=['apgd-ce']}", "sensitivity.n=4"],
     # The fidelity file: its variants, the N-attack and the large-eps PGD check, few steps.

@@ -81,8 +81,10 @@ def expected_params(exp: Experiment) -> dict[str, str]:
     from robench.attack import make_attack
     from robench.evaluation import CLEAN
 
-    return {a.label: canonical({} if a.name == CLEAN else make_attack(a.name, exp.data.dataset, a.eps, a.options).params())
-            for a in exp.attacks}
+    def params(a) -> dict:
+        return {} if a.name == CLEAN else make_attack(a.name, exp.data.dataset, a.eps, a.options).params()
+
+    return {a.label: canonical(params(a)) for a in exp.attacks}
 
 
 def best_stage(exp: Experiment, root: Path, chain: Chain) -> int:

@@ -275,10 +275,10 @@ def load_experiment(path: Path | str, settings: tuple[str, ...] = ()) -> Experim
     tag = report.get("publish_tag", str, name)
     report.done()
     top.done()
-    return Experiment(path.resolve(), name, description, tuple(settings), hashlib.sha256(raw).hexdigest(), data, arch_name, defenses,
-                      seeds, steps, tuple(sorted(set(stages) | {steps})), epochs, batch, lr, flip, amp, dict(options),
-                      attacks, sens_n, sens_at, select_attack, workers, threads, device, compile_, out,
-                      tuple((a, b) for a, b in pairs), paper, engine, salience, publish, tag)
+    return Experiment(path.resolve(), name, description, tuple(settings), hashlib.sha256(raw).hexdigest(), data,
+                      arch_name, defenses, seeds, steps, tuple(sorted(set(stages) | {steps})), epochs, batch, lr,
+                      flip, amp, dict(options), attacks, sens_n, sens_at, select_attack, workers, threads, device,
+                      compile_, out, tuple((a, b) for a, b in pairs), paper, engine, salience, publish, tag)
 
 
 def _int_list(table: _Table, key: str, default: list[int]) -> list[int]:
