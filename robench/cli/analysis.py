@@ -4,18 +4,17 @@ from __future__ import annotations
 
 import click
 
-from robench.cli.options import command, path_option, split_names, workdir_option
+from robench.cli.options import (attacks_option, command, dataset_option, defense_option, json_option, out_option,
+                                  split_names, workdir_option)
 from robench.errors import UserError
 
 
 @command()
-@click.option("--defense", "defenses", default=None,
-              help="The two defenses to compare, comma-separated, e.g. rlfat-t,trades (differences are the "
-                   "first minus the second): the newest run trained in the workdir, else the zoo's checkpoint.")
-@click.option("--dataset", default=None, help="[default: the dataset the defenses were trained on]")
-@click.option("--attacks", default=None,
-              help="Comma-separated, clean for clean accuracy [default: every one stored for either defense].")
-@click.option("--json", "as_json", is_flag=True, help="Print the comparison as JSON.")
+@defense_option("The two defenses to compare, comma-separated, e.g. rlfat-t,trades (differences are the "
+                "first minus the second): the newest run trained in the workdir, else the zoo's checkpoint.")
+@dataset_option()
+@attacks_option("Comma-separated, clean for clean accuracy [default: every one stored for either defense].")
+@json_option("the comparison")
 @workdir_option
 def compare(defenses, dataset, attacks, as_json, workdir):
     """Paired comparison of two defenses on the same test images, per attack at the default eps:
@@ -39,12 +38,10 @@ def compare(defenses, dataset, attacks, as_json, workdir):
 @command()
 @click.option("--format", "fmt", type=click.Choice(["csv", "jsonl"]), default="csv", show_default=True,
               help="CSV, or JSON lines (one object per row).")
-@path_option("--out", default=None, help="File to write (atomically) [default: standard output].")
-@click.option("--defense", "defenses", default=None,
-              help="Only these defenses, comma-separated [default: all].")
-@click.option("--attacks", default=None,
-              help="Only these attacks or sensitivity shifts, comma-separated (clean: clean accuracy) [default: all].")
-@click.option("--dataset", default=None, help="Only this dataset [default: all].")
+@out_option("File to write (atomically) [default: standard output].")
+@defense_option("Only these defenses, comma-separated [default: all].")
+@attacks_option("Only these attacks or sensitivity shifts, comma-separated (clean: clean accuracy) [default: all].")
+@dataset_option("Only this dataset [default: all].")
 @workdir_option
 def export(fmt, out, defenses, attacks, dataset, workdir):
     """Write every stored per-example outcome, one row per example and result (see

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import click
 
-from robench.cli.options import (check_data_dir, command, device_options, distributed, parse_overrides,
-                                 path_option, set_option, split_eps, split_names, workdir_option)
+from robench.cli.options import (attacks_option, batch_size_option, check_data_dir, command, data_dir_option,
+                                 dataset_option, defense_option, device_options, distributed, json_option, list_option,
+                                 parse_overrides, path_option, progress_option, seed_option, set_option, split_eps,
+                                 split_names, workdir_option)
 from robench.errors import UserError
 
 
 @command(name="eval")
-@click.option("--defense", "defenses", default=None,
-              help="Defense(s), comma-separated, e.g. rlfat-p,trades: the newest run trained in the workdir, "
-                   "else the zoo's checkpoint; or zoo entries by name (`robench zoo list`).")
+@defense_option("Defense(s), comma-separated, e.g. rlfat-p,trades: the newest run trained in the workdir, "
+                "else the zoo's checkpoint; or zoo entries by name (`robench zoo list`).")
 @click.option("--zoo", "zoo_only", is_flag=True,
               help="Use the zoo's checkpoints even where the workdir has a trained run.")
 @path_option("--checkpoint", "checkpoint_path", default=None,
@@ -30,28 +31,26 @@ from robench.errors import UserError
 @click.option("--std", default=None,
               help="The std of that normalisation, per channel (e.g. 0.2471,0.2435,0.2616) or one for all, "
                    "or cifar10 / cifar100 / none; needs --mean.")
-@click.option("--dataset", default=None,
-              help="[default: the dataset the defense's newest checkpoint was trained on]")
-@path_option("--data-dir", default=None)
-@click.option("--attacks", default="pgd,cw,nattack", show_default=True,
-              help="Comma-separated; see `robench list`.")
+@dataset_option()
+@data_dir_option()
+@attacks_option("Comma-separated; see `robench list`.", default="pgd,cw,nattack")
 @click.option("--n", "--n-examples", "n", type=int, default=None,
               help="First N test images (--n-examples under torchrun, whose parser claims --n) [default: the whole test set; 1500 for nattack, as in the paper].")
 @click.option("--norm", type=click.Choice(["linf", "l2"], case_sensitive=False), default=None,
               help="Threat model of every attack in --attacks [default: linf, the paper's]; l2: --eps "
                    "values are L2 radii [default: the dataset's, e.g. 0.5 on CIFAR-10]. -o ATTACK.norm=l2 "
                    "sets one attack's.")
-@click.option("--eps", default=None,
-              help="Radius (L-inf, or L2 with --norm l2), or several comma-separated for an accuracy-vs-eps "
-                   "curve [default: the dataset's]; the step size keeps the dataset's step/eps ratio.")
+@list_option("--eps", default=None,
+             help="Radius (L-inf, or L2 with --norm l2), or several comma-separated for an accuracy-vs-eps "
+             "curve [default: the dataset's]; the step size keeps the dataset's step/eps ratio.")
 @click.option("-o", "--attack-option", "options", multiple=True,
               help="Attack parameter, ATTACK.PARAM=VALUE, repeatable (e.g. -o nattack.iterations=100).")
 @click.option("--faithful", is_flag=True, help="N-attack: the official code's margin quirk.")
 @click.option("--nattack-chunk", type=int, default=None, help="N-attack: images per forward chunk.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@batch_size_option()
+@seed_option("Every attack's seed (each random draw depends on it and the example's index).")
+@json_option("the results")
+@progress_option
 @workdir_option
 @device_options
 def eval_(defenses, zoo_only, checkpoint_path, checkpoint_key, arch, mean, std, dataset, data_dir, attacks, n, norm,
@@ -121,14 +120,14 @@ def set_norm(overrides: dict[str, dict], attack_names: list[str], norm: str) -> 
 
 
 @command()
-@click.option("--defense", "defenses", required=True, help="Trained defense(s), comma-separated.")
-@click.option("--dataset", default=None, help="[default: the dataset each defense was trained on]")
-@path_option("--data-dir", default=None)
+@defense_option("Trained defense(s), comma-separated.", required=True)
+@dataset_option()
+@data_dir_option()
 @click.option("--n", "--n-examples", "n", type=int, default=None, help="First N test images [default: all].")
 @click.option("--sweep/--no-sweep", default=True, show_default=True,
               help="Also sweep brightness and gamma over a range, for the report's curves.")
-@click.option("--batch-size", type=int, default=256, show_default=True)
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@batch_size_option()
+@progress_option
 @workdir_option
 @device_options
 def sensitivity(defenses, dataset, data_dir, n, sweep, batch_size, progress, workdir, device, amp, compile_):
@@ -151,13 +150,13 @@ def sensitivity(defenses, dataset, data_dir, n, sweep, batch_size, progress, wor
 
 
 @command()
-@click.option("--defense", "defenses", required=True, help="Trained defenses, comma-separated.")
-@click.option("--dataset", default=None)
-@path_option("--data-dir", default=None)
+@defense_option("Trained defenses, comma-separated.", required=True)
+@dataset_option()
+@data_dir_option()
 @click.option("--n-images", type=int, default=6, show_default=True)
 @click.option("--samples", type=int, default=50, show_default=True, help="SmoothGrad noise samples.")
 @click.option("--stdev", type=float, default=0.15, show_default=True, help="SmoothGrad noise (pixel units).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@seed_option("SmoothGrad's noise seed.")
 @workdir_option
 @device_options
 def salience(defenses, dataset, data_dir, n_images, samples, stdev, seed, workdir, device, amp, compile_):

@@ -8,19 +8,19 @@ import sys
 
 import click
 
-from robench.cli.options import check_out, command, path_option, workdir_option
+from robench.cli.options import check_out, command, out_option, progress_option, workdir_option
 
 
 @command()
 @click.argument("file")
 @workdir_option
-@path_option("--out", default=None, help="Report folder [default: the file's [report] out].")
+@out_option("The report's folder [default: the file's [report] out].")
 @click.option("--workers", type=click.IntRange(min=1), default=None,
               help="Worker processes [default: the file's [run] workers].")
 @click.option("--set", "settings", multiple=True, metavar="SECTION.KEY=VALUE",
               help="Replace a value of the file, repeatable (e.g. --set train.steps=100); recorded in the report.")
 @click.option("--report-only", is_flag=True, help="Write the report from what is stored; run nothing.")
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@progress_option
 def experiment(file, workdir, out, workers, settings, report_only, progress):
     """Run an experiment file (TOML): train every defense stage by stage, evaluate each stage, write
     the report. Resumes where it stopped; a finished experiment does nothing. The workdir defaults

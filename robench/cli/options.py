@@ -12,8 +12,13 @@ import click
 from robench.errors import UserError
 
 
+class ListOption(click.Option):
+    """A comma-separated list (``--attacks pgd,cw``): given twice it is refused (``Command``), and
+    its items are checked by ``split_names``."""
+
+
 def is_list_option(param: click.Parameter) -> bool:
-    return isinstance(param, click.Option) and "comma-separated" in (param.help or "").lower()
+    return isinstance(param, ListOption)
 
 
 class Command(click.Command):
@@ -67,6 +72,52 @@ def path_option(*decls, **kwargs):
 def workdir_option(f):
     return path_option("--workdir", default=None,
                        help="Runs and results live here [default: $ROBENCH_WORKDIR or ./robench-runs].")(f)
+
+
+# -- options several commands share: each defined here once ------------------------------------------
+
+def list_option(*decls, **kwargs):
+    return click.option(*decls, cls=ListOption, **kwargs)
+
+
+def defense_option(help: str, required: bool = False):
+    """--defense A,B: defense names (a run in the workdir, else the zoo's checkpoint, or zoo entries)."""
+    return list_option("--defense", "defenses", default=None, required=required, help=help)
+
+
+def attacks_option(help: str, default: str | None = None):
+    return list_option("--attacks", default=default, show_default=default is not None, help=help)
+
+
+def dataset_option(help: str = "See `robench list` [default: the dataset the defense was trained on].",
+                   default: str | None = None):
+    return click.option("--dataset", default=default, show_default=default is not None, help=help)
+
+
+def data_dir_option(help: str = "Where the dataset's files are (an image folder's train/ and test/), or where "
+                                "torchvision downloads them [default: robench's cache]."):
+    return path_option("--data-dir", default=None, help=help)
+
+
+def out_option(help: str, default: str | None = None):
+    return path_option("--out", default=default, show_default=default is not None, help=help)
+
+
+def json_option(what: str):
+    return click.option("--json", "as_json", is_flag=True, help=f"Print {what} as JSON.")
+
+
+def batch_size_option(default: int | None = 256,
+                      help: str = "Images per batch; a speed setting that never changes an outcome."):
+    return click.option("--batch-size", type=int, default=default, show_default=default is not None, help=help)
+
+
+def seed_option(help: str):
+    return click.option("--seed", type=int, default=0, show_default=True, help=help)
+
+
+def progress_option(f):
+    return click.option("--progress/--no-progress", default=True, show_default=True, help="Progress bars.")(f)
 
 
 def device_options(f):

@@ -6,11 +6,11 @@ import os
 
 import click
 
-from robench.cli.options import check_out, command, device_options, path_option, workdir_option
+from robench.cli.options import check_out, command, device_options, out_option, progress_option, workdir_option
 
 
 @command()
-@path_option("--out", default="reports", show_default=True)
+@out_option("The report's folder.", default="reports")
 @workdir_option
 def report(out, workdir):
     """Write report.md and figures from the results database and the workdir (re-runs nothing)."""
@@ -23,8 +23,8 @@ def report(out, workdir):
 
 
 @command()
-@path_option("--out", default="reports", show_default=True)
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@out_option("The report's folder.", default="reports")
+@progress_option
 @workdir_option
 @device_options
 def demo(out, progress, workdir, device, amp, compile_):

@@ -6,8 +6,9 @@ import os
 
 import click
 
-from robench.cli.options import (check_data_dir, command, device_options, distributed, parse_overrides,
-                                 path_option, set_option, workdir_option)
+from robench.cli.options import (batch_size_option, check_data_dir, command, data_dir_option, dataset_option,
+                                 device_options, distributed, parse_overrides, progress_option, seed_option,
+                                 set_option, workdir_option)
 from robench.config import DEFAULT_DATASET
 from robench.errors import UserError
 
@@ -65,13 +66,11 @@ def defense_options(defense: str, options: tuple[str, ...], shortcuts: dict[str,
 
 @command()
 @click.argument("defense")
-@click.option("--dataset", default=DEFAULT_DATASET, show_default=True, help="See `robench list`.")
-@path_option("--data-dir", default=None,
-             help="Where the dataset lives or downloads to [default: $ROBENCH_DATA or ~/.cache/robench/data].")
+@dataset_option("See `robench list`.", default=DEFAULT_DATASET)
+@data_dir_option("Where the dataset lives or downloads to [default: $ROBENCH_DATA or ~/.cache/robench/data].")
 @click.option("--arch", default=None, help="Model architecture [default: the dataset's].")
 @click.option("--steps", type=int, default=None, help="Optimiser steps [default: the dataset's, App. A].")
-@click.option("--batch-size", type=int, default=None,
-              help="Batch size [default: the dataset's: 32 as App. A on CIFAR/STL-10, 64 on digits].")
+@batch_size_option(None, "Batch size [default: the dataset's: 32 as App. A on CIFAR/STL-10, 64 on digits].")
 @click.option("--lr", type=float, default=None, help="Adam learning rate [default: 1e-3, App. A].")
 @click.option("-o", "--defense-option", "options", multiple=True,
               help="Defense setting, DEFENSE.PARAM=VALUE, repeatable (e.g. -o trades.lam=3); "
@@ -79,12 +78,12 @@ def defense_options(defense: str, options: tuple[str, ...], shortcuts: dict[str,
 @shortcut_options
 @click.option("--flip/--no-flip", default=None, help="Random horizontal flip [default: the dataset's].")
 @click.option("--n-train", type=int, default=None, help="Train on the first N training examples.")
-@click.option("--seed", type=int, default=0, show_default=True)
+@seed_option("The run's seed: initial weights, batch order and every random draw of training.")
 @click.option("--name", default=None, help="Run name [default: DEFENSE-DATASET-sSEED].")
 @click.option("--resume", is_flag=True, help="Continue the run from its last checkpoint.")
 @click.option("--checkpoint-every", type=int, default=500, show_default=True)
 @click.option("--log-every", type=int, default=50, show_default=True)
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@progress_option
 @workdir_option
 @device_options
 def train(defense, dataset, data_dir, arch, steps, batch_size, lr, options, flip, n_train, seed, name, resume,

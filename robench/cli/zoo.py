@@ -10,7 +10,8 @@ from pathlib import Path
 
 import click
 
-from robench.cli.options import Command, check_path, path_option, workdir_option
+from robench.cli.options import (Command, check_path, dataset_option, json_option, out_option, path_option,
+                                  progress_option, workdir_option)
 from robench.errors import UserError
 
 
@@ -70,7 +71,7 @@ def list_(manifests):
 
 @zoo.command()
 @click.argument("name")
-@click.option("--json", "as_json", is_flag=True, help="Print the entry as its manifest holds it.")
+@json_option("the entry as its manifest holds it")
 @manifest_option
 def show(name, as_json, manifests):
     """Everything an entry records: settings, hash, URLs, results, and where the local copy is."""
@@ -104,7 +105,7 @@ def show(name, as_json, manifests):
 
 @zoo.command()
 @click.argument("names", nargs=-1, required=True)
-@click.option("--progress/--no-progress", default=True, show_default=True)
+@progress_option
 @manifest_option
 def fetch(names, progress, manifests):
     """Download entries into the cache (resumes a broken-off download; installs only a verified
@@ -178,7 +179,7 @@ def resolve_run(what: str, workdir: Path | None, dataset: str | None) -> tuple[P
 @click.option("--ship", is_flag=True,
               help="Copy the weights into checkpoints/ beside the manifest (package data for robench's own).")
 @click.option("--name", default=None, help="The entry's name [default: DEFENSE-DATASET].")
-@click.option("--dataset", default=None, help="With a defense name as RUN: the dataset of its run.")
+@dataset_option("With a defense name as RUN: the dataset of its run.")
 @click.option("--notes", default="", help="A free-text note stored with the entry.")
 @workdir_option
 def add(run, manifest, urls, ship, name, dataset, notes, workdir):
@@ -203,7 +204,7 @@ def add(run, manifest, urls, ship, name, dataset, notes, workdir):
 
 @zoo.command()
 @click.argument("name")
-@path_option("--out", default=None, help="Write the JSON here [default: print it].")
+@out_option("Write the JSON here [default: print it].")
 @click.option("--eps", type=float, default=None,
               help="The AutoAttack radius to export (e.g. 0.0313725 for 8/255) [default: the dataset's].")
 @manifest_option
