@@ -5,12 +5,14 @@ recorded 95% intervals. The re-evaluation needs ../shared/data and is skipped wi
 
 from __future__ import annotations
 
+import copy
 import tarfile
 from pathlib import Path
 
 import pytest
+import torch
 
-from bounds import FALSE_ALARM, two_sample_p
+from bounds import FALSE_ALARM, most, two_sample_p
 from robench import zoo
 from robench.attack import make_attack
 from robench.data import balanced_test, load_dataset
@@ -75,3 +77,30 @@ def test_the_recorded_results_reproduce(defense, attack, cifar, tmp_path):
     n = recorded["n"]
     p = two_sample_p(round(recorded["accuracy"] * n), n, round(row.value * n), n)
     assert p >= FALSE_ALARM, (row.value, recorded["accuracy"], p)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,overrides", [
+    ("autoattack", {"version": "custom", "attacks": ("apgd-ce",), "group": 32}),
+    ("ta.fab", {}),
+])
+def test_third_party_attacks_on_a_trained_channels_last_model(name, overrides, cifar):
+    """The channels_last regression (AutoAttack and torchattacks .view the input gradient) on a
+    trained RGB model and real test images, where it can fail: the zoo's RLFAT-T on the first 32
+    images of the balanced test order. In both layouts the attack breaks some images the model got
+    right and leaves others, and the layouts disagree on at most 1% of the outcomes (binomial bound
+    at FALSE_ALARM; they round differently, which can move a borderline image)."""
+    model = target_from_zoo(_entry("rlfat-t")).model.eval()
+    runtime = Runtime.create("cpu")
+    x, y = cifar.x_test[:32].contiguous(), cifar.y_test[:32]
+    attack = make_attack(name, "folder", 0.03, overrides)
+    outcomes, clean = {}, None
+    for layout, net, inputs in (("default", model, x),
+                                ("channels_last", runtime.prepare(copy.deepcopy(model)), runtime.batch(x))):
+        with torch.no_grad():
+            clean = net(inputs).argmax(1) == y
+        x_adv = attack(net, inputs, y, torch.arange(32))
+        with torch.no_grad():
+            outcomes[layout] = net(x_adv).argmax(1) == y
+        assert 0 < int(outcomes[layout].sum()) < int(clean.sum()), (layout, outcomes[layout], clean)
+    assert int((outcomes["default"] != outcomes["channels_last"]).sum()) <= most(32, 0.01)
