@@ -593,3 +593,10 @@ def test_every_list_option_given_twice_is_refused(command, option, tmp_path, mon
     r = invoke([command, option, "a", option, "b", *(["--defense", "pgdat"] if option != "--defense" else [])])
     assert_one_line_error(r.exit_code, r.stdout, r.stderr, f"{option} is given more than once")
     assert r.exit_code == 2 and list(tmp_path.iterdir()) == []
+
+
+def test_attack_specific_flags_are_hidden_aliases_of_o_options():
+    """--faithful and --nattack-chunk belong to one attack: they are -o options now, the old
+    spellings kept (hidden from --help) for one release."""
+    help_text = invoke(["eval", "--help"]).stdout
+    assert "--faithful" not in help_text and "--nattack-chunk" not in help_text and "-o, --attack-option" in help_text

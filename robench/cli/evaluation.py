@@ -45,8 +45,9 @@ from robench.errors import UserError
              "curve [default: the dataset's]; the step size keeps the dataset's step/eps ratio.")
 @click.option("-o", "--attack-option", "options", multiple=True,
               help="Attack parameter, ATTACK.PARAM=VALUE, repeatable (e.g. -o nattack.iterations=100).")
-@click.option("--faithful", is_flag=True, help="N-attack: the official code's margin quirk.")
-@click.option("--nattack-chunk", type=int, default=None, help="N-attack: images per forward chunk.")
+# The N-attack's own settings are -o options; these two spellings stay for one release (hidden).
+@click.option("--faithful", is_flag=True, hidden=True, help="Deprecated: -o nattack.faithful=true.")
+@click.option("--nattack-chunk", type=int, default=None, hidden=True, help="Deprecated: -o nattack.chunk=N.")
 @batch_size_option()
 @seed_option("Every attack's seed (each random draw depends on it and the example's index).")
 @json_option("the results")
@@ -87,8 +88,10 @@ def eval_(defenses, zoo_only, checkpoint_path, checkpoint_key, arch, mean, std, 
     overrides = parse_overrides(options)
     if faithful:
         set_option(overrides, "nattack", "faithful", True, "--faithful")
+        click.echo("note: --faithful is deprecated; use -o nattack.faithful=true", err=True)
     if nattack_chunk is not None:
         set_option(overrides, "nattack", "chunk", nattack_chunk, "--nattack-chunk")
+        click.echo(f"note: --nattack-chunk is deprecated; use -o nattack.chunk={nattack_chunk}", err=True)
     if norm is not None:
         set_norm(overrides, attack_names, norm)
     eps_list = split_eps(eps) if eps is not None else [None]
