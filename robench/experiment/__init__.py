@@ -14,10 +14,8 @@ __all__ = ["Experiment", "load_experiment", "run_experiment", "write_outputs"]
 def run_experiment(exp: Experiment, root: Path, out: Path | None = None, workers: int | None = None,
                    progress: bool = True, command: str | None = None) -> Path:
     """Run (or resume) every task of ``exp`` in workdir ``root``, then write its report."""
-    from robench.experiment.data import prepare
     from robench.experiment.runner import execute
 
-    prepare(exp)  # refuses bad data settings before any work, and decodes a folder once into its cache
     execute(exp, root, workers, progress, command)
     return write_outputs(exp, root, out, progress, command)
 

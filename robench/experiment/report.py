@@ -11,7 +11,7 @@ from pathlib import Path
 from robench import atomic
 from robench.comparison import diff_text, p_text, paired_rows
 from robench.experiment.paper import section as paper_section
-from robench.experiment.results import ChainResults, Stage, collect, gap_difference
+from robench.experiment.results import ChainResults, collect, gap_difference
 from robench.experiment.spec import Experiment
 from robench.report.cells import acc_cell, md_table, sens_cell
 from robench.report.figures import LinePanel, lines_figure
@@ -266,4 +266,4 @@ def write(exp: Experiment, root: Path, out: Path, command: str | None = None) ->
     return path
 
 
-__all__ = ["write", "Stage"]
+__all__ = ["write"]

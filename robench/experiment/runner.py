@@ -206,6 +206,11 @@ def execute(exp: Experiment, root: Path, workers: int | None = None, progress: b
             command: str | None = None) -> tuple[int, int]:
     """Run everything the experiment file asks for; returns (tasks that did new work, tasks).
     ``command``: how it was invoked, for the report."""
+    from robench.experiment.data import prepare
+
+    # Bad data settings are refused before any work; a folder is decoded once into its cache here,
+    # and a single worker (this process) keeps what was loaded.
+    prepared = prepare(exp)
     root.mkdir(parents=True, exist_ok=True)
     _record_env(exp, root, command)
     workers = workers or exp.workers
@@ -243,6 +248,7 @@ def execute(exp: Experiment, root: Path, workers: int | None = None, progress: b
 
     if workers <= 1:
         _init(exp, root, exp.threads)
+        _STATE["data"] = prepared
         while ready:
             task = ready.pop(0)
             after(task, run_task(task))
